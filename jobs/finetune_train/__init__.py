@@ -1,0 +1,1 @@
+"""The training program every FineTuneJob runs (Ray Train + DeepSpeed + transformers + peft)."""

@@ -1,0 +1,97 @@
+"""DeepSpeed engine from the spec: config, optimizer parameter groups, LR schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from finetune_api.spec import FineTuneJobSpec
+from finetune_train.modeling import Layout, unfrozen_blocks
+
+
+def precision(spec: FineTuneJobSpec) -> str:
+    if spec.training.precision != "auto":
+        return spec.training.precision
+    return "bf16" if spec.resources.gpus_per_node > 0 else "fp32"
+
+
+def deepspeed_config(spec: FineTuneJobSpec) -> dict:
+    t, ds = spec.training, spec.deepspeed
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.zero_stage == 3:
+        # lets the export gather full weights on rank 0
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if ds.cpu_offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": spec.resources.gpus_per_node > 0}
+        if ds.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": spec.resources.gpus_per_node > 0}
+    dtype = precision(spec)
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "gradient_clipping": t.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == "bf16"},
+        "fp16": {"enabled": dtype == "fp16", "loss_scale": 0},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(model: torch.nn.Module, spec: FineTuneJobSpec, parts: Layout | None) -> list[dict]:
+    """AdamW-style groups (no weight decay on biases and norms); with progressive unfreezing
+    one group per block so the schedule can hold each block at lr 0 until its step."""
+    block_of = {id(p): i for i, block in enumerate(parts.blocks) for p in block} if parts else {}
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.ndim >= 2 and "norm" not in name.lower()
+        key = (block_of.get(id(p)), decay)
+        groups.setdefault(
+            key, {"params": [], "weight_decay": spec.training.weight_decay if decay else 0.0, "block": key[0]}
+        )["params"].append(p)
+    if not groups:
+        raise ValueError("method: nothing left to train; every parameter is frozen")
+    return list(groups.values())
+
+
+def optimizer(groups: list[dict], spec: FineTuneJobSpec) -> torch.optim.Optimizer:
+    t = spec.training
+    clean = [{k: v for k, v in g.items() if k != "block"} for g in groups]
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(clean, lr=t.lr, momentum=0.9)
+    if spec.deepspeed.cpu_offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(clean, lr=t.lr, adamw_mode=True)
+    return torch.optim.AdamW(clean, lr=t.lr)
+
+
+def schedule(spec: FineTuneJobSpec, total_steps: int, groups: list[dict], n_blocks: int):
+    """A callable DeepSpeed builds the LR scheduler with, once it has wrapped the optimizer:
+    warmup then linear/cosine/constant, times 0 for blocks not yet unfrozen."""
+    t = spec.training
+    warmup = math.ceil(t.warmup_ratio * total_steps)
+
+    def base(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if t.scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        if t.scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    def gate(block: int | None):
+        freeze = spec.method.freeze
+        if block is None or freeze is None:
+            return base
+        return lambda step: base(step) * (block >= n_blocks - unfrozen_blocks(freeze, step, n_blocks))
+
+    lambdas = [gate(g["block"]) for g in groups]
+    return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambdas)

@@ -1,0 +1,166 @@
+"""`finetune`: validate specs, run them locally on Ray, write the CRD."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+
+from finetune_api.spec import FineTuneJob, SpecError, load_manifests
+
+CHART_CRD = Path("charts/finetune-operator/templates/crd/finetunejobs.yaml")
+
+
+def cmd_validate(args) -> int:
+    failed = False
+    for path in args.specs:
+        try:
+            jobs = load_manifests(path)
+        except SpecError as err:
+            print(f"INVALID {err}", file=sys.stderr)
+            failed = True
+            continue
+        for job in jobs:
+            print(f"ok      {path}: FineTuneJob/{job.name}")
+    return 1 if failed else 0
+
+
+def localize(job: FineTuneJob, base: Path) -> FineTuneJob:
+    """Relative paths in a manifest are relative to the manifest's folder, so a spec runs
+    the same from any working directory (Ray workers do not share the driver's cwd)."""
+
+    def resolve(value: str | None) -> str | None:
+        if value is None or "://" in value or value.startswith("package:") or Path(value).is_absolute():
+            return value
+        candidate = (base / value).resolve()
+        return str(candidate) if candidate.exists() or value.startswith(".") else value
+
+    d, m, s = job.spec.dataset, job.spec.model, job.spec.storage
+    spec = job.spec.model_copy(
+        update={
+            "dataset": d.model_copy(update={"train": resolve(d.train), "validation": resolve(d.validation)}),
+            "model": m.model_copy(update={"source": resolve(m.source)}),
+            "storage": s.model_copy(update={"uri": resolve(s.uri) if s.uri else None}),
+        }
+    )
+    return job.model_copy(update={"spec": spec})
+
+
+def _follow(paths, stop: threading.Event) -> None:
+    """Progress bar drawn from progress.json, the file the operator reads too."""
+    from tqdm import tqdm
+
+    from finetune_train import storage
+
+    bar = None
+    while not stop.wait(0.5):
+        progress = storage.read_json(paths.progress)
+        if not progress or progress.get("state") != "Running":
+            continue
+        if bar is None:
+            bar = tqdm(total=progress["total_steps"], desc=paths.name, unit="step", dynamic_ncols=True)
+        bar.n = progress["step"]
+        m = progress["metrics"]
+        bar.set_postfix({k: f"{m[k]:.4g}" for k in ("train_loss", "eval_loss", "eval_accuracy") if m.get(k) is not None})
+    if bar is not None:
+        bar.close()
+
+
+def print_summary(metrics: dict) -> None:
+    before, after = metrics.get("eval_before", {}), metrics.get("eval_after", {})
+    if not before:
+        print(f"trained {metrics['steps']} steps (no validation data, no before/after table)")
+        return
+    print(f"\n{'metric':<18}{'before':>12}{'after':>12}{'change':>12}")
+    for key in before:
+        print(f"{key:<18}{before[key]:>12.4f}{after[key]:>12.4f}{after[key] - before[key]:>+12.4f}")
+    if metrics.get("stopped_early"):
+        print(f"(stopped early at step {metrics['steps']})")
+
+
+def cmd_run(args) -> int:
+    try:
+        (job,) = load_manifests(args.spec)
+    except ValueError as err:  # SpecError, or more than one job in the file
+        print(f"INVALID {err}" if isinstance(err, SpecError) else f"{args.spec}: run takes a file with one FineTuneJob", file=sys.stderr)
+        return 2
+    job = localize(job, Path(args.spec).resolve().parent)
+
+    import ray
+
+    from finetune_train import launch, storage
+
+    paths = launch.paths_for(job, args.storage)
+    if args.restart:
+        storage.delete_dir(paths.run)
+    progress = storage.read_json(paths.progress) or {}
+    if progress.get("state") == "Succeeded":
+        print(f"{job.name} already finished in {paths.run}; --restart trains it again")
+    else:
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, log_to_driver=args.verbose, configure_logging=False)
+        stop = threading.Event()
+        follower = threading.Thread(target=_follow, args=(paths, stop), daemon=True)
+        follower.start()
+        try:
+            result = launch.run(job, paths, workers=args.workers, local=True)
+        finally:
+            stop.set()
+            follower.join()
+        if result.error is not None:
+            print(f"\n{job.name} failed: {result.error}", file=sys.stderr)
+            return 1
+    if args.output:
+        storage.copy_dir(paths.output, str(Path(args.output).resolve()))
+    metrics = json.loads(Path(args.output, "metrics.json").read_text()) if args.output else storage.read_json(
+        storage.join(paths.output, "metrics.json")
+    )
+    print_summary(metrics)
+    print(f"\nmodel: {Path(args.output, 'model').resolve() if args.output else storage.join(paths.output, 'model')}")
+    return 0
+
+
+def cmd_crd(args) -> int:
+    from finetune_api.crd import render_crd_template
+
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_crd_template())
+    print(f"wrote {out}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="finetune", description="Distributed fine-tuning on Ray, locally or on Kubernetes.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    v = sub.add_parser("validate", help="check FineTuneJob manifests; exit 1 naming each bad field")
+    v.add_argument("specs", nargs="+", metavar="SPEC")
+    v.set_defaults(func=cmd_validate)
+
+    r = sub.add_parser("run", help="run a FineTuneJob on a local Ray")
+    r.add_argument("spec", metavar="SPEC")
+    r.add_argument("--output", metavar="DIR", help="copy model/, metrics.json and loss.png here")
+    r.add_argument("--workers", type=int, help="training workers (default: from spec.resources)")
+    r.add_argument("--storage", metavar="URI", help="override spec.storage.uri")
+    r.add_argument("--restart", action="store_true", help="delete the run's checkpoints and start over")
+    r.add_argument("--verbose", action="store_true", help="show Ray worker logs")
+    r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("crd", help="write the FineTuneJob CRD into the Helm chart")
+    c.add_argument("--output", default=str(CHART_CRD), metavar="PATH")
+    c.set_defaults(func=cmd_crd)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = parser().parse_args(argv)
+    sys.exit(args.func(args))
+
+
+if __name__ == "__main__":
+    main()

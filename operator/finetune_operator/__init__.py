@@ -1,0 +1,1 @@
+"""Kubernetes operator: FineTuneJob → KubeRay RayJob."""
