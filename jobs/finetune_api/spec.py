@@ -7,6 +7,9 @@ the Kubernetes apiserver reject the same specs with the same words.
 
 from __future__ import annotations
 
+import base64
+import difflib
+import json
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -83,10 +86,14 @@ class ModelSpec(Spec):
         description="causal-lm: supervised fine-tuning of a language model; "
         "sequence-classification: one label per text."
     )
-    labels: list[Annotated[str, Field(min_length=1)]] | None = Field(
+    # Bounded so that the CRD's uniqueness rule (quadratic) stays within the apiserver's
+    # CEL cost budget; more classes than this: integer labels and numLabels.
+    labels: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(
         default=None,
         min_length=2,
-        description="Class names in id order (sequence-classification); written to config.id2label.",
+        max_length=256,
+        description="Class names in id order (sequence-classification); written to config.id2label. "
+        "At most 256; for more classes use integer labels and numLabels.",
     )
     num_labels: int | None = Field(
         default=None, ge=2, le=100_000, description="Number of classes when labels are integers."
@@ -129,7 +136,7 @@ class ModelSpec(Spec):
         ),
         Rule(
             "labels",
-            "labels must be unique",
+            "labels must be unique: list each class name once",
             "!has(self.labels) || self.labels.all(l, self.labels.exists_one(m, m == l))",
             lambda m: m.labels is None or len(set(m.labels)) == len(m.labels),
         ),
@@ -263,13 +270,22 @@ class DeepSpeedSpec(Spec):
         Rule(
             "cpuOffload",
             "cpuOffload needs zeroStage 1, 2 or 3",
-            "!self.cpuOffload || self.zeroStage > 0",
+            # has(): the apiserver checks the rule against the CRD's `deepspeed: {}` default
+            # before its children are defaulted.
+            "!has(self.cpuOffload) || !self.cpuOffload || !has(self.zeroStage) || self.zeroStage > 0",
             lambda d: not d.cpu_offload or d.zero_stage > 0,
         ),
     )
 
 
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
+
+# What a value matching each pattern looks like, in the words of the error message.
+PATTERN_HINTS = {
+    NAME_PATTERN: "must be a DNS-1123 label: lowercase letters, digits and '-', starting and "
+    "ending with a letter or digit",
+    QUANTITY: "must be a Kubernetes quantity such as 16Gi, 512Mi or 1.5G",
+}
 
 
 class ResourcesSpec(Spec):
@@ -318,7 +334,7 @@ class TrainingSpec(Spec):
     rules = (
         Rule(
             "earlyStopping",
-            "earlyStopping needs evalEvery",
+            "earlyStopping needs evalEvery: set training.evalEvery to evaluate every N steps",
             "!has(self.earlyStopping) || has(self.evalEvery)",
             lambda t: t.early_stopping is None or t.eval_every is not None,
         ),
@@ -368,13 +384,13 @@ class FineTuneJobSpec(Spec):
         ),
         Rule(
             "dataset.labelColumn",
-            "labelColumn is only for sequence-classification",
+            "labelColumn is only for sequence-classification; remove it for causal-lm",
             "self.model.task == 'sequence-classification' || !has(self.dataset.labelColumn)",
             lambda s: s.model.task == "sequence-classification" or s.dataset.label_column is None,
         ),
         Rule(
             "output.format",
-            "output.format adapter needs method.type lora",
+            "output.format adapter needs method.type lora; use output.format merged otherwise",
             "!has(self.output) || !has(self.output.format) || self.output.format != 'adapter' "
             "|| (has(self.method) && self.method.type == 'lora')",
             lambda s: s.output.format != "adapter" or s.method.type == "lora",
@@ -443,6 +459,16 @@ def dump_spec(spec: FineTuneJobSpec) -> dict[str, Any]:
     return spec.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
+def encode_job(job: FineTuneJob) -> str:
+    """The form a job travels in to the training program: base64 of compact JSON."""
+    doc = {"apiVersion": API_VERSION, "kind": KIND, "metadata": job.metadata.model_dump(exclude_none=True), "spec": dump_spec(job.spec)}
+    return base64.b64encode(json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()).decode()
+
+
+def decode_job(text: str) -> FineTuneJob:
+    return parse_job(json.loads(base64.b64decode(text)), "--job")
+
+
 def _error_lines(err: ValidationError, prefix: str) -> list[str]:
     lines = []
     for e in err.errors():
@@ -453,7 +479,11 @@ def _error_lines(err: ValidationError, prefix: str) -> list[str]:
             continue
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown field; check its spelling against `kubectl explain ftj.spec` or docs/spec.md"
+            msg = _unknown_field_message(e["loc"])
+        elif e["type"] == "string_pattern_mismatch" and e["ctx"]["pattern"] in PATTERN_HINTS:
+            msg = f"{PATTERN_HINTS[e['ctx']['pattern']]} (got {e['input']!r})"
+        elif e["type"] == "string_too_long" and tuple(e["loc"]) == ("metadata", "name"):
+            msg = f"{msg}: names of the RayJob and storage paths derive from it"
         elif e["type"] == "missing":
             msg = "required field is missing"
         elif e["type"] in ("literal_error", "enum"):
@@ -462,6 +492,29 @@ def _error_lines(err: ValidationError, prefix: str) -> list[str]:
             msg = f"{msg} (got {e['input']!r})"
         lines.append(f"{path}: {msg}")
     return lines
+
+
+def _unknown_field_message(loc: tuple[Any, ...]) -> str:
+    """Name the fields allowed where an unknown one was found, and the likely intended one."""
+    *parents, name = loc
+    model: Any = FineTuneJob if parents[:1] == ["spec"] else FineTuneJobSpec
+    for part in parents:
+        field = _field_by_alias(model, part) if isinstance(part, str) else None
+        subs = _spec_types(field.annotation) if field is not None else []
+        if not subs:
+            return "unknown field"
+        model = subs[0]
+    allowed = [f.alias or n for n, f in model.model_fields.items()]
+    close = difflib.get_close_matches(str(name), allowed, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"unknown field; {hint}allowed here: {', '.join(allowed)}"
+
+
+def _field_by_alias(model: type[BaseModel], key: str) -> Any:
+    for name, field in model.model_fields.items():
+        if key in (name, field.alias):
+            return field
+    return None
 
 
 def parse_spec(data: Any, source: str = "spec") -> FineTuneJobSpec:
@@ -474,14 +527,14 @@ def parse_spec(data: Any, source: str = "spec") -> FineTuneJobSpec:
 def parse_job(doc: Any, source: str = "manifest") -> FineTuneJob:
     if not isinstance(doc, dict):
         raise SpecError(source, [f"expected a FineTuneJob object, got {type(doc).__name__}"])
-    if doc.get("apiVersion") != API_VERSION or doc.get("kind") != KIND:
-        raise SpecError(
-            source,
-            [
-                f"apiVersion/kind: expected apiVersion: {API_VERSION} and kind: {KIND} "
-                f"(got {doc.get('apiVersion')!r}, {doc.get('kind')!r})"
-            ],
-        )
+    # Checked first: the rest of the document means nothing for another kind of object.
+    wrong = [
+        f"{key}: must be {want} (got {doc.get(key)!r})"
+        for key, want in (("apiVersion", API_VERSION), ("kind", KIND))
+        if doc.get(key) != want
+    ]
+    if wrong:
+        raise SpecError(source, wrong)
     try:
         return FineTuneJob.model_validate(doc)
     except ValidationError as err:

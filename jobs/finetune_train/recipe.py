@@ -141,23 +141,23 @@ def train_loop(config: dict) -> None:
     window_loss, window_tokens, window_start = [], 0, time.perf_counter()
     stop = False
     for step, micro_batches in train.steps(t.gradient_accumulation_steps, state["step"], steps_per_epoch):
-        if step >= total_steps or stop:
+        if step >= total_steps:  # resumed from the final checkpoint
             break
         for batch in micro_batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = engine(**batch).loss
+            window_tokens += int(batch["attention_mask"].sum())  # counted on the CPU copy: no device sync
+            loss = engine(**{k: v.to(device) for k, v in batch.items()}).loss
             engine.backward(loss)
             engine.step()
-            window_loss.append(loss.item())
-            window_tokens += int(batch["attention_mask"].sum())
+            window_loss.append(loss.detach())
         state["step"] = done = step + 1
         last = done == total_steps
         due_eval = bool(val) and t.eval_every is not None and done % t.eval_every == 0 and not last
         due_ckpt = spec.checkpointing.every_steps is not None and done % spec.checkpointing.every_steps == 0
         if not (done % t.log_every == 0 or due_eval or due_ckpt or last):
             continue
-        loss_mean, tokens = _mean_across_ranks([sum(window_loss) / len(window_loss), window_tokens])
-        elapsed = time.perf_counter() - window_start
+        loss_mean, tokens = _mean_across_ranks([torch.stack(window_loss).mean().item(), window_tokens])
+        now = time.perf_counter()
+        elapsed, window_loss, window_tokens, window_start = now - window_start, [], 0, now
         metrics = {
             "step": done,
             "total_steps": total_steps,
@@ -168,7 +168,9 @@ def train_loop(config: dict) -> None:
         }
         if parts is not None:
             metrics["unfrozen_blocks"] = unfrozen_blocks(spec.method.freeze, step, len(parts.blocks))
-        state["train"].append({"step": done, "train_loss": loss_mean})
+        state["train"].append(
+            {k: metrics[k] for k in ("step", "train_loss", "tokens_per_s", "unfrozen_blocks") if k in metrics}
+        )
         if due_eval:
             metrics.update(evaluator())
             state["eval"].append({"step": done, **{k: v for k, v in metrics.items() if k.startswith("eval_")}})
@@ -180,7 +182,6 @@ def train_loop(config: dict) -> None:
             save(metrics)
         else:
             ray.train.report(metrics)
-        window_loss, window_tokens, window_start = [], 0, time.perf_counter()
 
     # ---- final evaluation, checkpoint and export
     eval_after = {}

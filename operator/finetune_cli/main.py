@@ -62,7 +62,9 @@ def _follow(paths, stop: threading.Event) -> None:
             continue
         if bar is None:
             bar = tqdm(total=progress["total_steps"], desc=paths.name, unit="step", dynamic_ncols=True)
-        bar.n = progress["step"]
+        if progress["step"] == bar.n:
+            continue
+        bar.update(progress["step"] - bar.n)
         m = progress["metrics"]
         bar.set_postfix({k: f"{m[k]:.4g}" for k in ("train_loss", "eval_loss", "eval_accuracy") if m.get(k) is not None})
     if bar is not None:

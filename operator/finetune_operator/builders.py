@@ -1,0 +1,86 @@
+"""Pure builders: FineTuneJob → KubeRay RayJob manifest. No Kubernetes client, no kopf:
+what the operator applies is decided here and table-tested without a cluster."""
+
+from __future__ import annotations
+
+import shlex
+
+from finetune_api.spec import API_VERSION, KIND, FineTuneJob, encode_job
+
+DEFAULT_IMAGE = "ghcr.io/finetune-operator/trainer:0.1.0"
+RAY_VERSION = "2.60.0"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "finetune-operator"}
+
+RESTRICTED = {
+    "runAsNonRoot": True,
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def entrypoint(job: FineTuneJob) -> str:
+    return shlex.join(["python", "-m", "finetune_train", "--job", encode_job(job)])
+
+
+def _container(name: str, image: str, requests: dict, limits: dict) -> dict:
+    return {
+        "name": name,
+        "image": image,
+        "resources": {"requests": requests, "limits": limits},
+        "securityContext": RESTRICTED,
+    }
+
+
+def build_rayjob(job: FineTuneJob, image: str = DEFAULT_IMAGE) -> dict:
+    r = job.spec.resources
+    worker = {"cpu": str(r.cpus_per_worker * max(r.gpus_per_node, 1))}
+    if r.memory_per_worker:
+        worker["memory"] = r.memory_per_worker
+    worker_limits = {**worker, **({"nvidia.com/gpu": str(r.gpus_per_node)} if r.gpus_per_node else {})}
+    head = {"cpu": "1", "memory": "4Gi"}
+    labels = {**MANAGED_BY, "finetune.dev/job": job.name}
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": {
+            "name": job.name,
+            "namespace": job.metadata.namespace,
+            "labels": labels,
+            "ownerReferences": [
+                {
+                    "apiVersion": API_VERSION,
+                    "kind": KIND,
+                    "name": job.name,
+                    "uid": job.metadata.uid,
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": {
+            "entrypoint": entrypoint(job),
+            "shutdownAfterJobFinishes": True,
+            "rayClusterSpec": {
+                "rayVersion": RAY_VERSION,
+                "headGroupSpec": {
+                    # the head schedules no training work: all workers land on worker pods
+                    "rayStartParams": {"num-cpus": "0"},
+                    "template": {"metadata": {"labels": labels}, "spec": {"containers": [_container("ray-head", image, head, head)]}},
+                },
+                "workerGroupSpecs": [
+                    {
+                        "groupName": "workers",
+                        "replicas": r.nodes,
+                        "minReplicas": r.nodes,
+                        "maxReplicas": r.nodes,
+                        "rayStartParams": {},
+                        "template": {
+                            "metadata": {"labels": labels},
+                            "spec": {"containers": [_container("ray-worker", image, worker, worker_limits)]},
+                        },
+                    }
+                ],
+            },
+        },
+    }

@@ -1,0 +1,54 @@
+"""Two real Ray nodes on one machine (ray.cluster_utils.Cluster): one training worker on each."""
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_LLAMA, make_job
+from finetune_train import launch
+
+pytestmark = pytest.mark.training
+
+
+@pytest.fixture
+def two_nodes():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    ray.init(address=cluster.address)
+    yield [n.node_id for n in nodes]
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def watch_placement(seen: dict, stop: threading.Event) -> None:
+    """Records the training workers' placement group while it exists (Ray removes it after)."""
+    import ray
+
+    while not stop.wait(0.2):
+        for pg in ray.util.placement_group_table().values():
+            if len(pg["bundles"]) == 2 and pg["bundles_to_node_id"]:
+                seen.update(strategy=pg["strategy"], nodes=sorted(pg["bundles_to_node_id"].values()))
+
+
+def test_one_worker_per_node_trains_and_checkpoints(two_nodes, tmp_path):
+    job = make_job("multinode", tmp_path, TINY_LLAMA, deepspeed={"zeroStage": 2}, checkpointing={"everySteps": 3})
+    paths = launch.paths_for(job)
+    seen, stop = {}, threading.Event()
+    watcher = threading.Thread(target=watch_placement, args=(seen, stop))
+    watcher.start()
+    try:
+        result = launch.run(job, paths, local=False)
+    finally:
+        stop.set()
+        watcher.join()
+    assert result.error is None, result.error
+    assert seen == {"strategy": "STRICT_SPREAD", "nodes": sorted(two_nodes)}
+    progress = json.loads(Path(paths.progress).read_text())
+    assert progress["state"] == "Succeeded" and progress["step"] == 6
+    assert [c["step"] for c in progress["checkpoints"]] == [3, 6]
+    assert all(Path(c["uri"], "state").is_dir() for c in progress["checkpoints"])
