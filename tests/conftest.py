@@ -67,3 +67,17 @@ def make_job(name: str, tmp_path: Path, model: dict, **spec_overrides):
     for key, value in spec_overrides.items():
         spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
     return parse_job({"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": spec})
+
+
+@pytest.fixture(scope="session")
+def controlplane(tmp_path_factory):
+    """A real etcd + kube-apiserver + kube-controller-manager + KubeRay operator with the
+    FineTuneJob and KubeRay CRDs installed (finetune_cli.controlplane, as `finetune cluster
+    up` runs it). Builds the binaries first when they are missing (the first, cold build
+    takes a while: infra/build-controlplane.sh)."""
+    from finetune_cli.controlplane import ControlPlane, build_binaries
+
+    plane = ControlPlane(bin_dir=build_binaries())
+    plane.up(tmp_path_factory.mktemp("controlplane"))
+    yield plane
+    plane.down()

@@ -102,3 +102,14 @@ def test_freeze_modes_keep_frozen_weights_bit_identical(ray_local, tmp_path, fre
     assert not torch.equal(head, before["classifier.weight"])
     if schedule:
         assert [p["unfrozen_blocks"] for p in metrics["train"]] == schedule
+
+
+def test_early_stopping_ends_the_run_with_a_final_checkpoint_and_export(ray_local, tmp_path):
+    # eval_loss falls while training, so "max" sees no improvement after the first evaluation.
+    stopping = {"metric": "eval_loss", "mode": "max", "patience": 2}
+    job = make_job("early", tmp_path, TINY_BERT, training={"maxSteps": 30, "evalEvery": 1, "earlyStopping": stopping})
+    paths, metrics = train(job)
+    assert metrics["stopped_early"] and metrics["steps"] == 3
+    assert [e["step"] for e in metrics["eval"]] == [0, 1, 2, 3]
+    progress = json.loads(Path(paths.progress).read_text())
+    assert progress["checkpoints"][-1]["step"] == 3 and Path(paths.output, "model", "config.json").exists()

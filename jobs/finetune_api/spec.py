@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import difflib
 import json
-import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple
@@ -577,6 +576,3 @@ def _spec_types(annotation: Any) -> list[type[Spec]]:
         return [annotation]
     return [t for arg in getattr(annotation, "__args__", ()) for t in _spec_types(arg)]
 
-
-def is_valid_name(name: str) -> bool:
-    return len(name) <= MAX_NAME_LENGTH and re.match(NAME_PATTERN, name) is not None

@@ -135,6 +135,35 @@ def cmd_crd(args) -> int:
     return 0
 
 
+def cmd_cluster(args) -> int:
+    from finetune_cli import controlplane
+
+    state_dir = Path(args.state_dir or controlplane.DEFAULT_STATE_DIR)
+    plane = controlplane.ControlPlane.attach(state_dir)
+    running = plane is not None and plane.running()
+    if args.action == "up":
+        if running:
+            print(f"already running; kubeconfig: {plane.kubeconfig}", file=sys.stderr)
+        else:
+            if plane is not None:  # a half-dead one: clear it away first
+                plane.down(remove_state=True)
+            print("building the control plane binaries if needed (the first build takes a while) ...", file=sys.stderr)
+            plane = controlplane.ControlPlane(bin_dir=controlplane.build_binaries(log=sys.stderr))
+            plane.up(state_dir)
+            print(f"up: etcd, kube-apiserver {plane.server}, kube-controller-manager, kuberay-operator; logs in {state_dir}", file=sys.stderr)
+        print(plane.kubeconfig)
+    elif args.action == "down":
+        if plane is not None:
+            plane.down(remove_state=True)
+        print("down" if running else "not running; state removed", file=sys.stderr)
+    else:  # env
+        if not running:
+            print("no control plane is running: `finetune cluster up` starts one", file=sys.stderr)
+            return 1
+        print(f"export KUBECONFIG={plane.kubeconfig}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="finetune", description="Distributed fine-tuning on Ray, locally or on Kubernetes.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -155,6 +184,11 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("crd", help="write the FineTuneJob CRD into the Helm chart")
     c.add_argument("--output", default=str(CHART_CRD), metavar="PATH")
     c.set_defaults(func=cmd_crd)
+
+    k = sub.add_parser("cluster", help="a local Kubernetes control plane (etcd, kube-apiserver, KubeRay) in the background")
+    k.add_argument("action", choices=["up", "down", "env"], help="up: start (prints the kubeconfig path); down: stop and delete; env: print export KUBECONFIG=...")
+    k.add_argument("--state-dir", default=None, metavar="DIR", help="where certificates, data, logs and the kubeconfig go (default ~/.cache/finetune/cluster, or $FINETUNE_CLUSTER_DIR)")
+    k.set_defaults(func=cmd_cluster)
     return p
 
 
