@@ -108,7 +108,7 @@ def train_loop(config: dict) -> None:
     )
 
     # ---- resume
-    state = {"step": 0, "train": [], "eval": [], "eval_before": None}
+    state = {"step": 0, "train": [], "eval": []}  # eval[0] is the evaluation before training
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
@@ -119,9 +119,8 @@ def train_loop(config: dict) -> None:
     evaluator = lambda: evaluate(  # noqa: E731
         engine, eval_batches(val, t.micro_batch_size, rank, world, collate), spec.model.task, spec.model.num_classes, device
     )
-    if val and state["eval_before"] is None:
-        state["eval_before"] = evaluator()
-        state["eval"].append({"step": 0, **state["eval_before"]})
+    if val and not state["eval"]:
+        state["eval"].append({"step": 0, **evaluator()})
     stopper = EarlyStopping(t.early_stopping) if t.early_stopping else None
     for past in state["eval"][1:] if stopper else ():
         stopper.should_stop(past)
