@@ -20,5 +20,6 @@ demo: install
 	$(BIN)/finetune run examples/minilm-sentiment.yaml --output out/minilm
 
 test: install
+	$(BIN)/ruff check
 	$(BIN)/lint-imports
 	$(BIN)/pytest

@@ -8,6 +8,7 @@ import pytest
 from finetune_api.spec import parse_job
 
 REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 WORDS = "the a cat dog bird sat ran flew on under over mat rug tree red blue green quickly slowly".split()
 
 TINY_LLAMA = {  # SmolLM2's architecture and tokenizer, shrunk; random weights

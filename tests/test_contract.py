@@ -1,16 +1,16 @@
 """The spec the operator hands a RayJob is the spec the training program trains."""
 
 import shlex
-from pathlib import Path
 
 import pytest
+
+from conftest import EXAMPLES
 
 from finetune_api.spec import load_manifests
 from finetune_operator.builders import build_rayjob
 from finetune_train.__main__ import parse_args
 
 pytestmark = pytest.mark.unit
-EXAMPLES = sorted(Path(__file__).parent.parent.joinpath("examples").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("manifest", EXAMPLES, ids=lambda p: p.stem)

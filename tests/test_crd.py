@@ -1,7 +1,6 @@
 """The FineTuneJob CRD: generated from the models, structural, carrying every rule."""
 
 import copy
-from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -22,11 +21,11 @@ from finetune_api.spec import (
     parse_spec,
 )
 
+from conftest import EXAMPLES, REPO
+
 pytestmark = pytest.mark.unit
 
-REPO = Path(__file__).resolve().parent.parent
 CHART_CRD = REPO / "charts/finetune-operator/templates/crd/finetunejobs.yaml"
-EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 MINIMAL = {
     "model": {"source": "org/model", "task": "sequence-classification", "labels": ["neg", "pos"]},
     "dataset": {"train": "s3://bucket/train.jsonl"},

@@ -19,9 +19,10 @@ from finetune_api.spec import (
     parse_spec,
 )
 
+from conftest import EXAMPLES, REPO
+
 pytestmark = pytest.mark.unit
 
-REPO = Path(__file__).resolve().parent.parent
 
 BASE = {
     "apiVersion": "finetune.dev/v1alpha1",
@@ -283,6 +284,6 @@ def test_parse_spec_reports_paths_under_spec():
     assert "did you mean maxLength?" in line
 
 
-@pytest.mark.parametrize("manifest", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("manifest", EXAMPLES, ids=lambda p: p.stem)
 def test_examples_are_valid(manifest):
     assert load_manifests(manifest)
