@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from finetune_api.spec import FineTuneJob, dump_spec
 from finetune_train import storage
@@ -35,6 +36,21 @@ class RunPaths:
 
 def paths_for(job: FineTuneJob, storage_uri: str | None = None) -> RunPaths:
     return RunPaths(storage.normalize(storage_uri or job.spec.storage.uri), job.name)
+
+
+def check_local_inputs(job: FineTuneJob) -> list[str]:
+    """Field-named problems with the inputs a local run reads, found before Ray starts."""
+    from finetune_train.modeling import ModelSourceError, resolve_source
+
+    d, problems = job.spec.dataset, []
+    for field, value in (("train", d.train), ("validation", d.validation)):
+        if value and "://" not in value and not Path(value).is_file():
+            problems.append(f"spec.dataset.{field}: no such file: {value}")
+    try:
+        resolve_source(job.spec.model.source)
+    except ModelSourceError as err:
+        problems.append(f"spec.{err}")
+    return problems
 
 
 def _progress_callback(paths: RunPaths):

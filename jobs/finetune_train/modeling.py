@@ -27,7 +27,7 @@ def resolve_source(source: str) -> str:
     if source.startswith("package:"):
         return _package_model_dir(source.removeprefix("package:"))
     if source.startswith("s3://"):
-        raise ModelSourceError(f"model.source: {source}: s3:// models need the storage extra (not installed)")
+        raise ModelSourceError(f"model.source: {source}: s3:// models are not downloaded by this version yet; copy the model to a local directory")
     if Path(source).exists():
         return str(Path(source).resolve())
     if source.startswith((".", "/", "~")) or source.count("/") > 1:

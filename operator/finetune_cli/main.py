@@ -95,6 +95,10 @@ def cmd_run(args) -> int:
 
     from finetune_train import launch, storage
 
+    problems = launch.check_local_inputs(job)
+    if problems:
+        print(f"INVALID {args.spec}:\n" + "\n".join(f"  {p}" for p in problems), file=sys.stderr)
+        return 2
     paths = launch.paths_for(job, args.storage)
     if args.restart:
         storage.delete_dir(paths.run)
