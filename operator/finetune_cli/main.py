@@ -157,9 +157,11 @@ def cmd_cluster(args) -> int:
             print(f"up: etcd, kube-apiserver {plane.server}, kube-controller-manager, kuberay-operator; logs in {state_dir}", file=sys.stderr)
         print(plane.kubeconfig)
     elif args.action == "down":
-        if plane is not None:
+        if plane is None:
+            print("not running", file=sys.stderr)
+        else:
             plane.down(remove_state=True)
-        print("down" if running else "not running; state removed", file=sys.stderr)
+            print("down" if running else "was not running; state removed", file=sys.stderr)
     else:  # env
         if not running:
             print("no control plane is running: `finetune cluster up` starts one", file=sys.stderr)

@@ -1,0 +1,162 @@
+"""Against a real control plane (etcd + kube-apiserver + kube-controller-manager + KubeRay's
+operator, built from Go modules by infra/build-controlplane.sh; see the `controlplane`
+fixture in conftest.py): the CRD installs, the examples apply, the apiserver rejects what
+`finetune validate` rejects naming the same field, immutable fields stay immutable, and
+KubeRay turns a RayJob built from our spec into a RayCluster."""
+
+import json
+import shutil
+import subprocess
+import time
+import uuid
+
+import pytest
+import yaml
+
+from conftest import EXAMPLES, REPO
+from finetune_api.spec import SpecError, load_manifests, parse_job
+from finetune_operator.builders import build_rayjob
+from test_spec import BASE, MALFORMED, patch
+
+# The session fixture's first use may build the binaries (cold: about a quarter of an
+# hour on 2 cores), and pytest-timeout counts fixture set-up against the first test.
+pytestmark = [pytest.mark.controlplane, pytest.mark.timeout(2700)]
+
+KUBECTL = shutil.which("kubectl") or "/usr/bin/kubectl"
+# Cases only the client names the field of: a manifest of another group/version or kind is
+# not a FineTuneJob to the apiserver at all (kubectl answers "no matches for kind").
+CLIENT_ONLY = {"wrong-apiVersion", "wrong-kind"}
+
+
+def kubectl(plane, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [KUBECTL, f"--kubeconfig={plane.kubeconfig}", *args], input=stdin, capture_output=True, text=True, timeout=60
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+@pytest.fixture
+def namespace(controlplane):
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    kubectl(controlplane, "create", "namespace", name)
+    yield name
+    kubectl(controlplane, "delete", "namespace", name, "--wait=false", check=False)
+
+
+def get(plane, namespace: str, *what: str) -> dict:
+    return json.loads(kubectl(plane, "get", "-n", namespace, "-o", "json", *what).stdout)
+
+
+def test_crds_are_established(controlplane):
+    names = kubectl(controlplane, "get", "crd", "-o", "name").stdout.split()
+    for crd in ("finetunejobs.finetune.dev", "rayjobs.ray.io", "rayclusters.ray.io"):
+        assert f"customresourcedefinition.apiextensions.k8s.io/{crd}" in names
+
+
+def test_examples_apply_and_print_columns(controlplane, namespace):
+    result = kubectl(controlplane, "apply", "-n", namespace, "-f", str(REPO / "examples"))
+    expected = sorted(job.name for path in EXAMPLES for job in load_manifests(path))
+    assert len(expected) == 3
+    for name in expected:
+        assert f"finetunejob.finetune.dev/{name} created" in result.stdout
+    table = kubectl(controlplane, "get", "ftj", "-n", namespace).stdout.splitlines()
+    assert table[0].split() == ["NAME", "PHASE", "PROGRESS", "LOSS", "AGE"]
+    assert sorted(line.split()[0] for line in table[1:]) == expected
+    # The apiserver filled the schema's defaults, as the models do.
+    job = get(controlplane, namespace, "ftj", "minilm-sentiment")
+    assert job["spec"]["deepspeed"]["zeroStage"] == load_manifests(REPO / "examples" / "minilm-sentiment.yaml")[0].spec.deepspeed.zero_stage
+
+
+@pytest.mark.parametrize(("case", "doc", "field"), [c[:3] for c in MALFORMED], ids=[c[0] for c in MALFORMED])
+def test_malformed_manifest_rejected_by_validate_and_apiserver(controlplane, namespace, tmp_path, case, doc, field):
+    """The same table as test_spec: `finetune validate` and the apiserver both reject the
+    manifest, and both name the field."""
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    with pytest.raises(SpecError) as info:
+        load_manifests(path)
+    assert any(e.split(": ", 1)[0] == field for e in info.value.errors), info.value.errors
+    result = kubectl(controlplane, "apply", "-n", namespace, "-f", str(path), check=False)
+    assert result.returncode != 0, f"the apiserver accepted {case}:\n{result.stdout}"
+    if case in CLIENT_ONLY:
+        assert "no matches for kind" in result.stderr, result.stderr
+        return
+    # As an error's path ("spec.x: ..."), an unknown field ('unknown field "spec.x"'), or
+    # the subject of a whole-object rule's message ("Invalid value: metadata.name must ...").
+    assert any(f in result.stderr for f in (f"{field}: ", f'"{field}"', f"Invalid value: {field} ")), result.stderr
+    assert not get(controlplane, namespace, "ftj")["items"]
+
+
+def test_the_apiserver_rejects_at_least_15_malformed_manifests():
+    assert len([c for c in MALFORMED if c[0] not in CLIENT_ONLY]) >= 15
+
+
+def test_immutable_fields_cannot_change_but_resources_can(controlplane, namespace):
+    kubectl(controlplane, "apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(BASE))
+    for change in (
+        {"training": {"lr": 0.5}},
+        {"model": {"source": "org/other-model"}},
+        {"dataset": {"train": "s3://bucket/other.jsonl"}},
+        {"method": {"type": "lora"}},
+    ):
+        (section,) = change
+        result = kubectl(
+            controlplane, "patch", "ftj", "sentiment", "-n", namespace, "--type=merge", "-p", json.dumps({"spec": change}), check=False
+        )
+        assert result.returncode != 0, f"spec.{section} changed: {result.stdout}"
+        assert f"spec.{section}" in result.stderr and "immutable" in result.stderr, result.stderr
+    kubectl(controlplane, "patch", "ftj", "sentiment", "-n", namespace, "--type=merge", "-p", '{"spec":{"resources":{"nodes":3}}}')
+    job = get(controlplane, namespace, "ftj", "sentiment")
+    assert job["spec"]["resources"]["nodes"] == 3
+    assert job["spec"]["training"].get("lr") != 0.5
+
+
+def wait_for(what: str, fn, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def test_kuberay_creates_the_raycluster_of_our_rayjob(controlplane, namespace):
+    doc = patch({"metadata.name": "rayjob-e2e"})
+    kubectl(controlplane, "apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(doc))
+    stored = get(controlplane, namespace, "ftj", "rayjob-e2e")
+    job = parse_job(
+        {
+            **doc,
+            "metadata": {"name": "rayjob-e2e", "namespace": namespace, "uid": stored["metadata"]["uid"]},
+            "spec": stored["spec"],
+        }
+    )
+    kubectl(controlplane, "apply", "-f", "-", stdin=yaml.safe_dump(build_rayjob(job)))
+
+    def raycluster():
+        items = get(controlplane, namespace, "rayclusters")["items"]
+        return [c for c in items if any(o["kind"] == "RayJob" and o["name"] == "rayjob-e2e" for o in c["metadata"].get("ownerReferences", []))]
+
+    try:
+        (cluster,) = wait_for("KubeRay to create the RayCluster", raycluster)
+    except AssertionError:
+        raise AssertionError("no RayCluster; kuberay-operator log:\n" + controlplane.log_tail("kuberay-operator", 60)) from None
+    workers = cluster["spec"]["workerGroupSpecs"][0]
+    assert workers["replicas"] == job.spec.resources.nodes
+    rayjob = get(controlplane, namespace, "rayjob", "rayjob-e2e")
+    assert rayjob["metadata"]["ownerReferences"][0]["uid"] == job.metadata.uid
+    # KubeRay goes on to create the head pod (Pending for good: there is no kubelet).
+    wait_for("the head pod", lambda: get(controlplane, namespace, "pods", "-l", "ray.io/node-type=head")["items"], 30)
+
+    # Deleting the FineTuneJob: kube-controller-manager's garbage collector deletes the
+    # RayJob it owns (KubeRay's finalizer may hold it in Terminating).
+    kubectl(controlplane, "delete", "ftj", "rayjob-e2e", "-n", namespace, "--wait=false")
+
+    def rayjob_collected():
+        result = kubectl(controlplane, "get", "rayjob", "rayjob-e2e", "-n", namespace, "-o", "json", check=False)
+        return result.returncode != 0 or "deletionTimestamp" in json.loads(result.stdout)["metadata"]
+
+    wait_for("the garbage collector to delete the RayJob", rayjob_collected, 60)
