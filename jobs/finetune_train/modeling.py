@@ -59,8 +59,8 @@ def materialize(path: str, gguf_file: str | None) -> str:
     if not Path(path).is_dir():
         return path
     ggufs = [gguf_file] if gguf_file else sorted(p.name for p in Path(path).glob("*.gguf"))
-    if not ggufs or (Path(path) / "config.json").exists() and not gguf_file:
-        return path
+    if not ggufs or ((Path(path) / "config.json").exists() and not gguf_file):
+        return path  # a Hugging Face folder already
     if len(ggufs) > 1:
         raise ModelSourceError(f"model.ggufFile: {path} holds several .gguf files {ggufs}; name one")
     src = Path(path) / ggufs[0]
