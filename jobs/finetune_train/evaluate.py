@@ -23,27 +23,29 @@ def evaluate(engine, batches, task: str, num_classes: int | None, device) -> dic
     was_training = engine.module.training
     engine.eval()
     classify = task == "sequence-classification"
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    count = torch.zeros((), dtype=torch.float64)
-    confusion = torch.zeros((num_classes or 1, num_classes or 1), dtype=torch.float64)
+    # Sums stay on the device: no per-batch host copy of the logits, and NCCL reduces only
+    # device tensors.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    confusion = torch.zeros((num_classes or 1, num_classes or 1), dtype=torch.float64, device=device)
     for batch, weight in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float().cpu()
-        labels = batch["labels"].cpu()
+        weight = weight.to(device, torch.float64)
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"]
         if classify:
-            loss_sum += (F.cross_entropy(logits, labels, reduction="none") * weight).sum().double()
-            count += weight.sum().double()
-            for truth, pred, w in zip(labels.tolist(), logits.argmax(-1).tolist(), weight.tolist()):
-                confusion[truth, pred] += w
+            loss_sum += (F.cross_entropy(logits, labels, reduction="none").double() * weight).sum()
+            count += weight.sum()
+            confusion.index_put_((labels, logits.argmax(-1)), weight, accumulate=True)
         else:
             shifted = labels[:, 1:]
             token_loss = F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.size(-1)), shifted.reshape(-1), ignore_index=IGNORE, reduction="none"
             ).view(shifted.shape)
-            tokens = (shifted != IGNORE).double() * weight[:, None].double()
+            tokens = (shifted != IGNORE).double() * weight[:, None]
             loss_sum += (token_loss.double() * tokens).sum()
             count += tokens.sum()
-    totals = _all_reduce(torch.cat([loss_sum[None], count[None], confusion.flatten()]))
+    totals = _all_reduce(torch.cat([loss_sum[None], count[None], confusion.flatten()])).cpu()
     engine.train(was_training)
     loss = (totals[0] / totals[1].clamp(min=1)).item()
     if not classify:

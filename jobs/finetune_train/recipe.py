@@ -52,8 +52,8 @@ class EarlyStopping:
         return self.bad >= self.spec.patience
 
 
-def _mean_across_ranks(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
+def _mean_across_ranks(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)  # NCCL reduces only device tensors
     if dist.is_initialized():
         dist.all_reduce(t)
         t /= dist.get_world_size()
@@ -154,9 +154,8 @@ def train_loop(config: dict) -> None:
         due_ckpt = spec.checkpointing.every_steps is not None and done % spec.checkpointing.every_steps == 0
         if not (done % t.log_every == 0 or due_eval or due_ckpt or last):
             continue
-        loss_mean, tokens = _mean_across_ranks([torch.stack(window_loss).mean().item(), window_tokens])
-        now = time.perf_counter()
-        elapsed, window_loss, window_tokens, window_start = now - window_start, [], 0, now
+        loss_mean, tokens = _mean_across_ranks([torch.stack(window_loss).mean().item(), window_tokens], device)
+        elapsed = time.perf_counter() - window_start
         metrics = {
             "step": done,
             "total_steps": total_steps,
@@ -174,6 +173,8 @@ def train_loop(config: dict) -> None:
             metrics.update(evaluator())
             state["eval"].append({"step": done, **{k: v for k, v in metrics.items() if k.startswith("eval_")}})
             stop = stopper is not None and stopper.should_stop(metrics)
+        # Evaluation is not training time; the report below counts in the next window.
+        window_loss, window_tokens, window_start = [], 0, time.perf_counter()
         metrics["stopped_early"] = stop
         if last or stop:
             break  # the final evaluation and checkpoint follow the loop
