@@ -74,7 +74,7 @@ def run_ours(job_doc: dict, args) -> dict:
 
     job = parse_job(job_doc)
     paths = launch.paths_for(job)
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    launch.init_ray(include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         result = launch.run(job, paths, workers=args.gpus or 2, local=True)
     finally:

@@ -1,6 +1,13 @@
 import copy
 import json
+import os
 import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -53,9 +60,9 @@ def write_label_data(path: Path, rows: int = 96) -> Path:
     return path
 
 
-def make_job(name: str, tmp_path: Path, model: dict, **spec_overrides):
-    """A FineTuneJob over a tiny model and generated data; spec_overrides replace top-level
-    spec sections (merged one level deep)."""
+def job_doc(name: str, tmp_path: Path, model: dict, **spec_overrides) -> dict:
+    """A FineTuneJob manifest over a tiny model and generated data; spec_overrides replace
+    top-level spec sections (merged one level deep)."""
     data = tmp_path / "data.jsonl"
     (write_label_data if model["task"] == "sequence-classification" else write_text_data)(data)
     spec = {
@@ -67,7 +74,11 @@ def make_job(name: str, tmp_path: Path, model: dict, **spec_overrides):
     }
     for key, value in spec_overrides.items():
         spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
-    return parse_job({"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": spec})
+    return {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": spec}
+
+
+def make_job(name: str, tmp_path: Path, model: dict, **spec_overrides):
+    return parse_job(job_doc(name, tmp_path, model, **spec_overrides))
 
 
 @pytest.fixture(scope="session")
@@ -82,3 +93,70 @@ def controlplane(tmp_path_factory):
     plane.up(tmp_path_factory.mktemp("controlplane"))
     yield plane
     plane.down()
+
+
+# Recognisable credentials: the moto server accepts any, and tests scan outputs for them.
+S3_KEY_ID, S3_SECRET = "AKIAFINETUNECANARY01", "canary-secret-7f3a9c2e51d84b06"
+
+
+class S3Server:
+    """moto's standalone S3 server as a subprocess on a free loopback port: boto3 and pyarrow
+    talk real HTTP to it. pause()/resume() freeze it (requests hang and time out) without
+    losing its in-memory buckets."""
+
+    def __init__(self, log: Path):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(self.endpoint, timeout=1)
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto server did not start; see {log}")
+                time.sleep(0.2)
+
+    def client(self):
+        import boto3
+
+        return boto3.client(
+            "s3", endpoint_url=self.endpoint, region_name="us-east-1",
+            aws_access_key_id=S3_KEY_ID, aws_secret_access_key=S3_SECRET,
+        )
+
+    def bucket(self, name: str) -> str:
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def pause(self):
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self):
+        self.proc.send_signal(signal.SIGCONT)
+
+    def stop(self):
+        self.resume()
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    server = S3Server(tmp_path_factory.mktemp("moto") / "moto.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env():
+    """The environment a run gets its S3 credentials from (never from the spec)."""
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_KEY_ID, "AWS_SECRET_ACCESS_KEY": S3_SECRET}
+    env.pop("AWS_PROFILE", None)
+    return env

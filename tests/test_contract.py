@@ -6,7 +6,7 @@ import pytest
 
 from conftest import EXAMPLES
 
-from finetune_api.spec import load_manifests
+from finetune_api.spec import StorageSpec, load_manifests
 from finetune_operator.builders import build_rayjob
 from finetune_train.__main__ import parse_args
 
@@ -23,6 +23,26 @@ def test_rayjob_entrypoint_parses_back_to_the_same_job(manifest):
     assert parsed.spec == job.spec
     assert parsed.spec.model_dump() == job.spec.model_dump()
     assert (parsed.metadata.name, parsed.metadata.namespace, parsed.metadata.uid) == (job.name, "team-a", "0b7c2f3e-uid")
+    assert parsed.run_name == job.run_name == f"{job.name}-0b7c2f3e"  # every attempt continues one run
+
+
+def test_s3_credentials_reach_every_pod_only_as_secret_references():
+    (job,) = load_manifests(EXAMPLES[0])
+    job.spec.storage = StorageSpec(
+        uri="s3://models/ft", endpoint="http://minio:9000",
+        credentials_secret={"name": "s3-creds", "accessKeyIdKey": "user", "secretAccessKeyKey": "password"},
+    )
+    rayjob = build_rayjob(job)
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    pods = [cluster["headGroupSpec"]["template"], *(g["template"] for g in cluster["workerGroupSpecs"])]
+    for pod in pods:
+        (container,) = pod["spec"]["containers"]
+        assert container["env"] == [
+            {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": "user"}}},
+            {"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": "password"}}},
+        ]
+    job.spec.storage = StorageSpec(uri="s3://models/ft")  # no Secret: the pods' own identity (IRSA etc.)
+    assert all("env" not in c for c in build_rayjob(job)["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"])
 
 
 def test_examples_exist():

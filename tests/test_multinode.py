@@ -19,7 +19,7 @@ def two_nodes():
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
-    ray.init(address=cluster.address)
+    launch.init_ray(address=cluster.address)
     yield [n.node_id for n in nodes]
     ray.shutdown()
     cluster.shutdown()

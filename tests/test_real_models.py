@@ -37,7 +37,7 @@ def test_minilm_sentiment_example_end_to_end(tmp_path):
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    launch.init_ray(num_cpus=2, include_dashboard=False, configure_logging=False)
     yield
     ray.shutdown()
 

@@ -129,6 +129,18 @@ MALFORMED = [
     ("name-uppercase", patch({"metadata.name": "Sentiment"}), "metadata.name", "lowercase"),
     ("name-with-dot", patch({"metadata.name": "sentiment.v2"}), "metadata.name", "DNS-1123 label"),
     ("name-too-long", patch({"metadata.name": "a" * 49}), "metadata.name", "at most 48 characters: names of the RayJob"),
+    ("s3-settings-on-local-storage", patch({"spec.storage.uri": "/data/runs", "spec.storage.endpoint": "http://minio:9000"}),
+     "spec.storage.endpoint", "set uri to s3://bucket/prefix"),
+    ("s3-settings-without-uri", patch({"spec.storage.credentialsSecret": {"name": "s3-creds"}}),
+     "spec.storage.endpoint", "are S3 settings"),
+    ("endpoint-with-path", patch({"spec.storage.uri": "s3://b/p", "spec.storage.endpoint": "minio:9000/x"}),
+     "spec.storage.endpoint", "http:// or https:// URL"),
+    ("secret-name-invalid", patch({"spec.storage.uri": "s3://b/p", "spec.storage.credentialsSecret": {"name": "S3_Creds"}}),
+     "spec.storage.credentialsSecret.name", "DNS-1123"),
+    ("inline-credentials", patch({"spec.storage.uri": "s3://b/p", "spec.storage.accessKey": "AKIA..."}),
+     "spec.storage.accessKey", "allowed here: uri, endpoint"),
+    ("max-failures-below-unlimited", patch({"spec.checkpointing.maxFailures": -2}), "spec.checkpointing.maxFailures",
+     "greater than or equal to -1"),
 ]
 CASES = {case[0]: case for case in MALFORMED}
 

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.training
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    launch.init_ray(num_cpus=2, include_dashboard=False, configure_logging=False)
     yield
     ray.shutdown()
 

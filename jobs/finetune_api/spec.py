@@ -278,12 +278,14 @@ class DeepSpeedSpec(Spec):
 
 
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
+URL_PATTERN = r"^https?://[^/\s]+/?$"
 
 # What a value matching each pattern looks like, in the words of the error message.
 PATTERN_HINTS = {
     NAME_PATTERN: "must be a DNS-1123 label: lowercase letters, digits and '-', starting and "
     "ending with a letter or digit",
     QUANTITY: "must be a Kubernetes quantity such as 16Gi, 512Mi or 1.5G",
+    URL_PATTERN: "must be an http:// or https:// URL of host[:port] without a path, e.g. http://minio:9000",
 }
 
 
@@ -345,14 +347,75 @@ class CheckpointingSpec(Spec):
         default=None, ge=1, description="Checkpoint every N steps; a final checkpoint is always written."
     )
     keep: PositiveInt = Field(default=2, le=1000, description="Checkpoints kept in storage (newest).")
+    max_failures: int = Field(
+        default=3,
+        ge=-1,
+        le=1000,
+        description="Worker failures a run recovers from (each restarts the workers from the latest "
+        "checkpoint); -1: unlimited.",
+    )
+    grace_period_seconds: int = Field(
+        default=120,
+        ge=5,
+        le=3600,
+        description="On SIGTERM (node drain, spot reclaim, suspend) the run saves a checkpoint at the "
+        "current step and stops; this is how long it may take before the process exits regardless.",
+    )
+
+
+class CredentialsSecret(Spec):
+    name: str = Field(pattern=NAME_PATTERN, max_length=253, description="Secret in the FineTuneJob's namespace.")
+    access_key_id_key: str = Field(default="AWS_ACCESS_KEY_ID", min_length=1, description="Key holding the access key id.")
+    secret_access_key_key: str = Field(
+        default="AWS_SECRET_ACCESS_KEY", min_length=1, description="Key holding the secret access key."
+    )
+    session_token_key: str | None = Field(default=None, min_length=1, description="Key holding a session token, if any.")
 
 
 class StorageSpec(Spec):
+    """Credentials are never part of the spec: local runs take them from the standard AWS
+    environment variables (or ~/.aws), on Kubernetes the operator maps `credentialsSecret`
+    to those variables. The same settings apply to s3:// model and dataset sources."""
+
     uri: str | None = Field(
         default=None,
         description="Where checkpoints and the export go: a local directory or s3://bucket/prefix. "
         "Default for local runs: ~/.cache/finetune/runs.",
     )
+    endpoint: str | None = Field(
+        default=None,
+        pattern=URL_PATTERN,
+        description="S3 API endpoint of an S3-compatible store (MinIO, Ceph, GCS interop), e.g. "
+        "http://minio.storage:9000. Default: AWS S3.",
+    )
+    region: str | None = Field(default=None, min_length=1, description="S3 region, e.g. us-east-1.")
+    path_style: bool | None = Field(
+        default=None,
+        description="Path-style addressing (endpoint/bucket/key). Default: on when endpoint is set, "
+        "virtual-hosted style for AWS.",
+    )
+    credentials_secret: CredentialsSecret | None = Field(
+        default=None, description="Kubernetes Secret with the S3 credentials (Kubernetes only)."
+    )
+    timeout_seconds: int = Field(default=30, ge=1, le=600, description="Connect and request timeout of one S3 call.")
+    max_attempts: int = Field(
+        default=8, ge=1, le=50, description="Attempts per S3 call; transient errors are retried with backoff."
+    )
+
+    rules = (
+        Rule(
+            "endpoint",
+            "endpoint, region, pathStyle and credentialsSecret are S3 settings; set uri to s3://bucket/prefix or remove them",
+            "(has(self.uri) && self.uri.startsWith('s3://')) || (!has(self.endpoint) && !has(self.region) "
+            "&& !has(self.pathStyle) && !has(self.credentialsSecret))",
+            lambda s: (s.uri or "").startswith("s3://")
+            or (s.endpoint, s.region, s.path_style, s.credentials_secret) == (None, None, None, None),
+        ),
+    )
+
+    @property
+    def is_s3(self) -> bool:
+        return (self.uri or "").startswith("s3://")
 
 
 class OutputSpec(Spec):
@@ -451,6 +514,14 @@ class FineTuneJob(BaseModel):
     @property
     def name(self) -> str:
         return self.metadata.name
+
+    @property
+    def run_name(self) -> str:
+        """The Ray Train run every attempt of this job continues: its storage folder. On
+        Kubernetes the UID is part of it, so a deleted and re-created job starts afresh while
+        suspends, retries and new Ray clusters of the same object resume."""
+        uid = self.metadata.uid
+        return f"{self.name}-{uid[:8]}" if uid else self.name
 
 
 def dump_spec(spec: FineTuneJobSpec) -> dict[str, Any]:

@@ -20,13 +20,10 @@ def parse_args(argv: list[str]) -> FineTuneJob:
 
 def main(argv: list[str] | None = None) -> int:
     job = parse_args(sys.argv[1:] if argv is None else argv)
-    import ray
-
     from finetune_train import launch
 
-    ray.init(address="auto")
-    result = launch.run(job, launch.paths_for(job), local=False)
-    return 0 if result.error is None else 1
+    launch.init_ray(address="auto")
+    return 0 if launch.run(job, launch.paths_for(job), local=False).state == "Succeeded" else 1
 
 
 if __name__ == "__main__":

@@ -23,11 +23,10 @@ class ModelSourceError(ValueError):
 
 
 def resolve_source(source: str) -> str:
-    """A local directory or a hub id that transformers can load."""
+    """A local directory or a hub id that transformers can load (s3:// sources are fetched
+    to a local folder before this)."""
     if source.startswith("package:"):
         return _package_model_dir(source.removeprefix("package:"))
-    if source.startswith("s3://"):
-        raise ModelSourceError(f"model.source: {source}: s3:// models are not downloaded by this version yet; copy the model to a local directory")
     if Path(source).exists():
         return str(Path(source).resolve())
     if source.startswith((".", "/", "~")) or source.count("/") > 1:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from finetune_api.spec import FineTuneJobSpec
-from finetune_train import storage
+from finetune_train.preempt import Watcher
 from finetune_train.data import Collator, ShardedBatches, eval_batches, load_splits, tokenize
 from finetune_train.engine import deepspeed_config, optimizer, param_groups, schedule
 from finetune_train.evaluate import evaluate
@@ -34,6 +34,7 @@ from finetune_train.modeling import (
     unfrozen_blocks,
 )
 from finetune_train.report import write_report
+from finetune_train.storage import Store
 
 log = logging.getLogger("finetune.train")
 
@@ -68,16 +69,21 @@ def train_loop(config: dict) -> None:
     # ---- config
     spec = FineTuneJobSpec.model_validate(config["spec"])
     output_uri: str = config["output_uri"]
+    store = Store.of(spec.storage)
     t = spec.training
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(t.seed)
+    preemption = Watcher(config["run"], device)
 
-    # ---- data
-    path = materialize(resolve_source(spec.model.source), spec.model.gguf_file)
+    # ---- data (s3:// inputs are fetched once per node)
+    path = materialize(resolve_source(store.local_copy(spec.model.source)), spec.model.gguf_file)
     tokenizer = load_tokenizer(spec, path)
-    train_records, val_records = load_splits(spec.dataset)
+    d = spec.dataset
+    train_records, val_records = load_splits(
+        d.model_copy(update={"train": store.local_copy(d.train), "validation": d.validation and store.local_copy(d.validation)})
+    )
     classify = spec.model.task == "sequence-classification"
     collate = Collator(tokenizer.pad_token_id, classify)
     train = ShardedBatches(tokenize(train_records, "train", spec, tokenizer), t.micro_batch_size, rank, world, spec.dataset.seed, collate)
@@ -116,6 +122,7 @@ def train_loop(config: dict) -> None:
         state = client["finetune"]
         if rank == 0:
             log.warning("resumed from %s at step %d", checkpoint.path, state["step"])
+        ray.train.report({"step": state["step"], "total_steps": total_steps, "resumed_from": checkpoint.path})
     evaluator = lambda: evaluate(  # noqa: E731
         engine, eval_batches(val, t.micro_batch_size, rank, world, collate), spec.model.task, spec.model.num_classes, device
     )
@@ -150,6 +157,11 @@ def train_loop(config: dict) -> None:
             window_loss.append(loss.detach())
         state["step"] = done = step + 1
         last = done == total_steps
+        if not last and preemption.due():
+            save({**metrics, "step": done, "total_steps": total_steps, "preempted": True})
+            if rank == 0:
+                log.warning("preempted: saved a checkpoint at step %d", done)
+            return
         due_eval = bool(val) and t.eval_every is not None and done % t.eval_every == 0 and not last
         due_ckpt = spec.checkpointing.every_steps is not None and done % spec.checkpointing.every_steps == 0
         if not (done % t.log_every == 0 or due_eval or due_ckpt or last):
@@ -196,5 +208,5 @@ def train_loop(config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             export(trained, spec, tokenizer, Path(tmp) / "model")
             write_report(Path(tmp), state, stop)
-            storage.copy_dir(tmp, output_uri)
+            store.copy_dir(tmp, output_uri)
     ray.train.report({**final, "exported": True})

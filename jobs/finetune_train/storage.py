@@ -1,16 +1,41 @@
-"""Run storage through pyarrow filesystems, so a local directory and an S3 bucket are one
-code path: <storage>/<job>/ holds Ray Train's checkpoints, progress.json and output/."""
+"""Run storage: a local directory or an S3-compatible bucket, one code path.
+
+`<storage>/<run>/` holds Ray Train's checkpoints, progress.json and output/. Ray Train and
+our own small files go through a pyarrow filesystem; models and datasets on s3:// are fetched
+with boto3 (multipart, concurrent) into a per-node cache keyed by ETag. Credentials come from
+the standard AWS chain (environment variables, ~/.aws, instance roles) and are never passed
+around, so they cannot end up in a pickled config, a log or an error message.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import uuid
+from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
+from functools import cached_property
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
+from botocore.exceptions import BotoCoreError, ClientError
+
+from finetune_api.spec import StorageSpec
 
 DEFAULT_LOCAL_STORAGE = Path.home() / ".cache" / "finetune" / "runs"
+CACHE = Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))
+
+
+class StorageError(OSError):
+    """Storage that cannot be read or written; the message names the URI, never credentials."""
+
+
+def is_s3(uri: str | None) -> bool:
+    return bool(uri) and uri.startswith("s3://")
 
 
 def normalize(uri: str | None) -> str:
@@ -26,44 +51,190 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *parts])
 
 
-def _resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    return pafs.FileSystem.from_uri(uri)
+def split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bucket, key
 
 
-def write_json(uri: str, obj) -> None:
-    """Readers never see a half-written file: local writes rename a temporary file into
-    place, and an S3 PUT is atomic by itself."""
-    fs, path = _resolve(uri)
-    data = json.dumps(obj, indent=2, sort_keys=True).encode()
-    if isinstance(fs, pafs.LocalFileSystem):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-        return
-    with fs.open_output_stream(path) as f:
-        f.write(data)
+@dataclass(frozen=True)
+class Store:
+    """The S3 settings of a spec (endpoint, region, addressing, timeouts, retries)."""
+
+    endpoint: str | None = None
+    region: str | None = None
+    path_style: bool | None = None
+    timeout_seconds: int = 30
+    max_attempts: int = 8
+
+    @classmethod
+    def of(cls, spec: StorageSpec) -> Store:
+        return cls(spec.endpoint, spec.region, spec.path_style, spec.timeout_seconds, spec.max_attempts)
+
+    def __getstate__(self):
+        # Only the settings travel to other processes; each makes its own clients.
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def _path_style(self) -> bool:
+        # MinIO and most S3-compatible stores serve path-style only; AWS prefers virtual hosts.
+        return self.path_style if self.path_style is not None else self.endpoint is not None
+
+    @cached_property
+    def s3(self) -> pafs.S3FileSystem:
+        endpoint = urlsplit(self.endpoint) if self.endpoint else None
+        return pafs.S3FileSystem(
+            endpoint_override=endpoint.netloc if endpoint else None,
+            scheme=endpoint.scheme if endpoint else "https",
+            region=self.region or ("us-east-1" if endpoint else None),
+            force_virtual_addressing=not self._path_style,
+            connect_timeout=self.timeout_seconds,
+            request_timeout=self.timeout_seconds,
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=self.max_attempts),
+        )
+
+    @cached_property
+    def client(self):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.session.Session().client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=self.region or ("us-east-1" if self.endpoint else None),
+            config=Config(
+                connect_timeout=self.timeout_seconds,
+                read_timeout=self.timeout_seconds,
+                retries={"mode": "standard", "max_attempts": self.max_attempts},
+                s3={"addressing_style": "path" if self._path_style else "virtual"},
+            ),
+        )
+
+    def filesystem(self, uri: str) -> tuple[pafs.FileSystem, str]:
+        """(filesystem, path on it) for a storage URI, as Ray Train's RunConfig takes them."""
+        if is_s3(uri):
+            return self.s3, uri.removeprefix("s3://")
+        return pafs.LocalFileSystem(), normalize(uri)
+
+    # ---- small files and folders of a run
+
+    def write_json(self, uri: str, obj) -> None:
+        """Readers never see a half-written file: local writes rename a temporary file into
+        place, and an S3 PUT is atomic by itself."""
+        fs, path = self.filesystem(uri)
+        data = json.dumps(obj, indent=2, sort_keys=True).encode()
+        with _named(uri):
+            if isinstance(fs, pafs.LocalFileSystem):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+                return
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+
+    def read_json(self, uri: str):
+        """The parsed file, or None when it does not exist. On S3 one GET reads it whole: a
+        ranged reader could mix two versions of a file that is being replaced."""
+        with _named(uri):
+            if is_s3(uri):
+                bucket, key = split_s3(uri)
+                try:
+                    return json.loads(self.client.get_object(Bucket=bucket, Key=key)["Body"].read())
+                except ClientError as err:
+                    if err.response["Error"]["Code"] in ("NoSuchKey", "404"):
+                        return None
+                    raise
+            fs, path = self.filesystem(uri)
+            if fs.get_file_info(path).type == pafs.FileType.NotFound:
+                return None
+            with fs.open_input_stream(path) as f:
+                return json.loads(f.read())
+
+    def copy_dir(self, src_uri: str, dst_uri: str) -> None:
+        (src_fs, src), (dst_fs, dst) = self.filesystem(src_uri), self.filesystem(dst_uri)
+        with _named(dst_uri if is_s3(dst_uri) else src_uri):
+            if isinstance(dst_fs, pafs.LocalFileSystem):
+                os.makedirs(dst, exist_ok=True)
+            pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
+
+    def delete_dir(self, uri: str) -> None:
+        fs, path = self.filesystem(uri)
+        with _named(uri):
+            if fs.get_file_info(path).type != pafs.FileType.NotFound:
+                fs.delete_dir(path)
+
+    # ---- inputs (models, datasets) on s3://
+
+    def _objects(self, uri: str) -> list[tuple[str, str, int]]:
+        """(key, etag, size) of the object `uri` names, or of every object under it as a folder."""
+        bucket, key = split_s3(uri)
+        with _named(uri):
+            try:
+                head = self.client.head_object(Bucket=bucket, Key=key)
+                return [(key, head["ETag"], head["ContentLength"])]
+            except ClientError as err:
+                if err.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound") or not key:
+                    raise
+            prefix = key.rstrip("/") + "/"
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            # Keys ending in / are folder markers (pyarrow writes them), not files.
+            return [(o["Key"], o["ETag"], o["Size"]) for page in pages for o in page.get("Contents", ()) if not o["Key"].endswith("/")]
+
+    def exists(self, uri: str) -> bool:
+        return bool(self._objects(uri))
+
+    def local_copy(self, uri: str) -> str:
+        """A local path for an input: s3:// objects and folders are downloaded once per node
+        into a cache folder named by their ETags (a changed object is fetched again); any
+        other value passes through unchanged."""
+        if not is_s3(uri):
+            return uri
+        objects = self._objects(uri)
+        if not objects:
+            raise StorageError(f"{uri}: no such object or folder")
+        bucket, key = split_s3(uri)
+        single = objects[0][0] == key
+        digest = hashlib.sha256(json.dumps([self.endpoint, bucket, sorted(objects)]).encode()).hexdigest()[:20]
+        out = CACHE / "s3" / digest
+        target = out / Path(key).name if single else out
+        if out.exists():
+            return str(target)
+        from boto3.s3.transfer import TransferConfig
+        from filelock import FileLock
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{out}.lock"):  # one download per node, however many workers ask
+            if out.exists():
+                return str(target)
+            tmp = out.with_suffix(f".{uuid.uuid4().hex}.tmp")
+            transfer = TransferConfig(multipart_threshold=16 << 20, multipart_chunksize=16 << 20, max_concurrency=8)
+
+            def download(obj):
+                rel = Path(obj[0]).name if single else Path(obj[0][len(key.rstrip("/")) + 1 :])
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                self.client.download_file(bucket, obj[0], str(tmp / rel), Config=transfer)
+
+            try:
+                with ThreadPoolExecutor(max_workers=4) as pool:
+                    list(pool.map(download, objects))
+            except Exception as err:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise StorageError(f"{uri}: download failed: {_reason(err)}") from None
+            tmp.rename(out)
+        return str(target)
 
 
-def read_json(uri: str):
-    """The parsed file, or None when it does not exist."""
-    fs, path = _resolve(uri)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        return None
-    with fs.open_input_stream(path) as f:
-        return json.loads(f.read())
+def _reason(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
-def copy_dir(src_uri: str, dst_uri: str) -> None:
-    src_fs, src = _resolve(src_uri)
-    dst_fs, dst = _resolve(dst_uri)
-    if isinstance(dst_fs, pafs.LocalFileSystem):
-        os.makedirs(dst, exist_ok=True)
-    pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
-
-
-def delete_dir(uri: str) -> None:
-    fs, path = _resolve(uri)
-    if fs.get_file_info(path).type != pafs.FileType.NotFound:
-        fs.delete_dir(path)
+@contextmanager
+def _named(uri: str):
+    """Turn a storage library's error into a StorageError that names the URI."""
+    try:
+        yield
+    except (StorageError, FileNotFoundError):
+        raise
+    except (OSError, BotoCoreError, ClientError) as err:
+        raise StorageError(f"{uri}: {_reason(err)}") from None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import threading
@@ -49,19 +48,26 @@ def localize(job: FineTuneJob, base: Path) -> FineTuneJob:
     return job.model_copy(update={"spec": spec})
 
 
-def _follow(paths, stop: threading.Event) -> None:
-    """Progress bar drawn from progress.json, the file the operator reads too."""
+def _follow(paths, stop: threading.Event, resumes: int) -> None:
+    """Progress bar drawn from progress.json, the file the operator reads too; `resumes` is
+    how many resumes earlier runs recorded there."""
     from tqdm import tqdm
 
-    from finetune_train import storage
+    from finetune_train.storage import StorageError
 
     bar = None
     while not stop.wait(0.5):
-        progress = storage.read_json(paths.progress)
+        try:
+            progress = paths.store.read_json(paths.progress)
+        except StorageError:
+            continue  # the run itself reports storage that stays down
         if not progress or progress.get("state") != "Running":
             continue
+        for r in progress.get("resumes", [])[resumes:]:
+            (bar.write if bar else print)(f"resumed from {r['checkpoint']} at step {r['step']}")
+        resumes = len(progress.get("resumes", []))
         if bar is None:
-            bar = tqdm(total=progress["total_steps"], desc=paths.name, unit="step", dynamic_ncols=True)
+            bar = tqdm(total=progress["total_steps"], desc=paths.name, unit="step", dynamic_ncols=True, initial=progress["step"])
         if progress["step"] == bar.n:
             continue
         bar.update(progress["step"] - bar.n)
@@ -91,41 +97,68 @@ def cmd_run(args) -> int:
         return 2
     job = localize(job, Path(args.spec).resolve().parent)
 
-    import ray
+    from finetune_train import launch
+    from finetune_train.storage import StorageError, join
 
-    from finetune_train import launch, storage
-
-    problems = launch.check_local_inputs(job)
+    paths = launch.paths_for(job, args.storage)
+    problems = launch.check_inputs(job, paths.store)
     if problems:
         print(f"INVALID {args.spec}:\n" + "\n".join(f"  {p}" for p in problems), file=sys.stderr)
         return 2
-    paths = launch.paths_for(job, args.storage)
-    if args.restart:
-        storage.delete_dir(paths.run)
-    progress = storage.read_json(paths.progress) or {}
-    if progress.get("state") == "Succeeded":
-        print(f"{job.name} already finished in {paths.run}; --restart trains it again")
-    else:
-        if not ray.is_initialized():
-            ray.init(include_dashboard=False, log_to_driver=args.verbose, configure_logging=False)
-        stop = threading.Event()
-        follower = threading.Thread(target=_follow, args=(paths, stop), daemon=True)
-        follower.start()
-        try:
-            result = launch.run(job, paths, workers=args.workers, local=True)
-        finally:
-            stop.set()
-            follower.join()
-        if result.error is not None:
-            print(f"\n{job.name} failed: {result.error}", file=sys.stderr)
-            return 1
-    if args.output:
-        storage.copy_dir(paths.output, str(Path(args.output).resolve()))
-    metrics = json.loads(Path(args.output, "metrics.json").read_text()) if args.output else storage.read_json(
-        storage.join(paths.output, "metrics.json")
-    )
-    print_summary(metrics)
-    print(f"\nmodel: {Path(args.output, 'model').resolve() if args.output else storage.join(paths.output, 'model')}")
+    try:
+        if args.restart:
+            paths.store.delete_dir(paths.run)
+        launch.check_same_run(job, paths)
+        progress = paths.store.read_json(paths.progress) or {}
+        if progress.get("state") == "Succeeded":
+            print(f"{job.name} already finished in {paths.run}; --restart trains it again")
+        else:
+            code = _train(job, paths, args)
+            if code:
+                return code
+        output = str(Path(args.output).resolve()) if args.output else paths.output
+        if args.output:
+            paths.store.copy_dir(paths.output, output)
+        print_summary(paths.store.read_json(join(output, "metrics.json")))
+    except (StorageError, ValueError) as err:
+        print(f"{job.name}: {err}", file=sys.stderr)
+        return 1
+    print(f"\nmodel: {join(output, 'model')}")
+    return 0
+
+
+def _train(job, paths, args) -> int:
+    import ray
+
+    from finetune_train import launch
+
+    if not ray.is_initialized():
+        launch.init_ray(include_dashboard=False, log_to_driver=args.verbose, configure_logging=False)
+    stop = threading.Event()
+    resumes = len((paths.store.read_json(paths.progress) or {}).get("resumes", []))
+    follower = threading.Thread(target=_follow, args=(paths, stop, resumes), daemon=True)
+    follower.start()
+    try:
+        outcome = launch.run(job, paths, workers=args.workers, local=True)
+    finally:
+        stop.set()
+        follower.join()
+    progress = outcome.progress
+    if outcome.state == "Preempted":
+        print(
+            f"\n{job.name} preempted at step {progress.get('step')}; latest checkpoint {progress.get('latest_checkpoint')}. "
+            "Run the same command to resume.",
+            file=sys.stderr,
+        )
+        return 143  # the exit status of a process ended by SIGTERM
+    if outcome.state == "Failed":
+        latest = progress.get("latest_checkpoint")
+        print(
+            f"\n{job.name} failed: {outcome.error}"
+            + (f"\nlatest complete checkpoint: {latest}; the same command resumes from it" if latest else ""),
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

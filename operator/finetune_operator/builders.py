@@ -23,12 +23,25 @@ def entrypoint(job: FineTuneJob) -> str:
     return shlex.join(["python", "-m", "finetune_train", "--job", encode_job(job)])
 
 
-def _container(name: str, image: str, requests: dict, limits: dict) -> dict:
+def s3_credentials_env(job: FineTuneJob) -> list[dict]:
+    """The Secret's keys as the standard AWS variables: the training program reads
+    credentials from the environment only, so they never pass through the spec."""
+    secret = job.spec.storage.credentials_secret
+    if secret is None:
+        return []
+    keys = [("AWS_ACCESS_KEY_ID", secret.access_key_id_key), ("AWS_SECRET_ACCESS_KEY", secret.secret_access_key_key)]
+    if secret.session_token_key:
+        keys.append(("AWS_SESSION_TOKEN", secret.session_token_key))
+    return [{"name": var, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key}}} for var, key in keys]
+
+
+def _container(name: str, image: str, requests: dict, limits: dict, env: list[dict]) -> dict:
     return {
         "name": name,
         "image": image,
         "resources": {"requests": requests, "limits": limits},
         "securityContext": RESTRICTED,
+        **({"env": env} if env else {}),
     }
 
 
@@ -40,6 +53,7 @@ def build_rayjob(job: FineTuneJob, image: str = DEFAULT_IMAGE) -> dict:
     worker_limits = {**worker, **({"nvidia.com/gpu": str(r.gpus_per_node)} if r.gpus_per_node else {})}
     head = {"cpu": "1", "memory": "4Gi"}
     labels = {**MANAGED_BY, "finetune.dev/job": job.name}
+    env = s3_credentials_env(job)
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
@@ -66,7 +80,7 @@ def build_rayjob(job: FineTuneJob, image: str = DEFAULT_IMAGE) -> dict:
                 "headGroupSpec": {
                     # the head schedules no training work: all workers land on worker pods
                     "rayStartParams": {"num-cpus": "0"},
-                    "template": {"metadata": {"labels": labels}, "spec": {"containers": [_container("ray-head", image, head, head)]}},
+                    "template": {"metadata": {"labels": labels}, "spec": {"containers": [_container("ray-head", image, head, head, env)]}},
                 },
                 "workerGroupSpecs": [
                     {
@@ -77,7 +91,7 @@ def build_rayjob(job: FineTuneJob, image: str = DEFAULT_IMAGE) -> dict:
                         "rayStartParams": {},
                         "template": {
                             "metadata": {"labels": labels},
-                            "spec": {"containers": [_container("ray-worker", image, worker, worker_limits)]},
+                            "spec": {"containers": [_container("ray-worker", image, worker, worker_limits, env)]},
                         },
                     }
                 ],

@@ -1,0 +1,71 @@
+"""Preemption: a run told to stop (SIGTERM to `finetune run` or to the RayJob entrypoint)
+saves a checkpoint at the current step on every worker and ends, so the next attempt of the
+same run loses nothing.
+
+The request travels through one named Ray actor per run; each training worker waits on it
+in a background thread, and the ranks agree on the step to stop at with one all-reduce.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import ray
+import torch
+import torch.distributed as dist
+
+NAMESPACE = "finetune"
+
+
+@ray.remote(num_cpus=0)
+class _Signal:
+    def __init__(self):
+        self._requested = asyncio.Event()
+        self.reason = None
+
+    async def request(self, reason: str) -> None:
+        self.reason = reason
+        self._requested.set()
+
+    async def wait_requested(self) -> str:
+        await self._requested.wait()
+        return self.reason
+
+
+def _name(run: str) -> str:
+    return f"preempt-{run}"
+
+
+def create(run: str):
+    """The run's signal actor, made by the driver before training starts."""
+    return _Signal.options(name=_name(run), namespace=NAMESPACE, get_if_exists=True).remote()
+
+
+def lookup(run: str):
+    try:
+        return ray.get_actor(_name(run), namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+class Watcher:
+    """Worker side: `due()` turns true on every rank at the same step once a stop is requested."""
+
+    def __init__(self, run: str, device):
+        self.device, self._local = device, threading.Event()
+        self._signal = lookup(run)
+        if self._signal is not None:
+            threading.Thread(target=self._wait, daemon=True, name="preempt-watch").start()
+
+    def _wait(self) -> None:
+        ray.get(self._signal.wait_requested.remote())
+        self._local.set()
+
+    def due(self) -> bool:
+        # Ranks see the request at different moments; MAX makes them stop at the same step.
+        flag = torch.tensor([int(self._local.is_set())], device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+

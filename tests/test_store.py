@@ -1,0 +1,58 @@
+"""Storage settings and run identity, without Ray: what travels to workers, how the run
+folder is named, and that a run folder refuses a different training."""
+
+import pickle
+
+import pytest
+
+from conftest import TINY_LLAMA, job_doc, make_job
+from finetune_api.spec import parse_job
+from finetune_train import launch
+from finetune_train.storage import Store
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize(
+    "store, path_style",
+    [
+        (Store(), False),  # AWS: virtual-hosted
+        (Store(endpoint="http://minio:9000"), True),  # S3-compatible stores: path-style
+        (Store(endpoint="http://minio:9000", path_style=False), False),
+        (Store(path_style=True), True),
+    ],
+)
+def test_addressing_defaults_to_path_style_only_with_an_endpoint(store, path_style):
+    assert store.client.meta.config.s3["addressing_style"] == ("path" if path_style else "virtual")
+
+
+def test_only_settings_travel_to_other_processes():
+    store = Store(endpoint="http://127.0.0.1:9", timeout_seconds=3, max_attempts=2)
+    store.client, store.s3  # created and cached here
+    copy = pickle.loads(pickle.dumps(store))
+    assert copy == store and "client" not in copy.__dict__ and "s3" not in copy.__dict__
+    assert copy.client.meta.endpoint_url == "http://127.0.0.1:9"
+
+
+def test_local_inputs_pass_through_unchanged(tmp_path):
+    assert Store().local_copy(str(tmp_path)) == str(tmp_path)
+    assert Store().local_copy("org/model") == "org/model"
+
+
+def test_run_name_carries_the_kubernetes_uid_so_a_recreated_job_starts_afresh(tmp_path):
+    doc = job_doc("sft", tmp_path, TINY_LLAMA)
+    assert parse_job(doc).run_name == "sft"
+    doc["metadata"]["uid"] = "3f2a9c4e-1b2d-4e5f-8a9b-0c1d2e3f4a5b"
+    assert parse_job(doc).run_name == "sft-3f2a9c4e"
+
+
+def test_a_run_folder_refuses_a_different_training(tmp_path):
+    job = make_job("same", tmp_path, TINY_LLAMA)
+    paths = launch.paths_for(job)
+    launch.check_same_run(job, paths)
+    launch.check_same_run(job, paths)  # the same spec continues
+    resized = make_job("same", tmp_path, TINY_LLAMA, resources={"nodes": 1}, checkpointing={"keep": 5})
+    launch.check_same_run(resized, paths)  # mutable fields may change between attempts
+    changed = make_job("same", tmp_path, TINY_LLAMA, training={"lr": 0.5})
+    with pytest.raises(ValueError, match=r"different spec \(changed: training\).*--restart"):
+        launch.check_same_run(changed, paths)
