@@ -2,10 +2,11 @@
 
     python bench/checkpoint_io.py [--size-mb 512] [--repeats 3] [--endpoint URL --bucket NAME]
 
-Our path is what `ray.train.report(checkpoint=...)` does on every worker: Ray Train's upload
-of the checkpoint folder through the pyarrow S3 filesystem that `finetune_train.storage.Store`
-configures (endpoint, addressing, timeouts, retries). The baseline uploads the same files with
-boto3's `upload_file` (multipart, 10 threads per file, boto3's defaults otherwise). The folder
+Our path is what `ray.train.report(checkpoint=..., checkpoint_upload_fn=...)` runs on every
+worker: `Store.checkpoint_uploader`, i.e. `Store.upload_dir` with the spec's S3 settings. The
+baseline uploads the same files with boto3's `upload_file` (multipart, boto3's default
+TransferConfig), one file after the other. For reference, Ray Train's default upload (pyarrow
+`copy_files` through the same `Store.s3` filesystem) is measured too. The folder
 looks like a ZeRO-2 checkpoint of two ranks: one model-state file and two optimizer-state files
 of random bytes. Without --endpoint a moto server is started on loopback (AWS_* credentials are
 set to dummies for it). The median of --repeats uploads counts on each side.
@@ -68,6 +69,7 @@ def main() -> None:
     args = p.parse_args()
 
     from boto3.s3.transfer import TransferConfig
+    from ray.train import Checkpoint
     from ray.train.v2._internal.execution.storage import _upload_to_fs_path
 
     from finetune_train.storage import Store
@@ -84,26 +86,32 @@ def main() -> None:
             files = sorted(f for f in ckpt.rglob("*") if f.is_file())
             total_mb = sum(f.stat().st_size for f in files) / 2**20
 
+            upload = store.checkpoint_uploader(f"s3://{args.bucket}/ours")
+
             def ours(i):
-                _upload_to_fs_path(str(ckpt), store.s3, f"{args.bucket}/ours/{i}/{ckpt.name}")
+                upload(Checkpoint.from_directory(str(ckpt)), f"{i}/{ckpt.name}")
+
+            def ray_default(i):
+                _upload_to_fs_path(str(ckpt), store.s3, f"{args.bucket}/ray/{i}/{ckpt.name}")
 
             def boto3_multipart(i):
                 for f in files:
                     key = f"boto3/{i}/{ckpt.name}/{f.relative_to(ckpt)}"
                     store.client.upload_file(str(f), args.bucket, key, Config=TransferConfig())
 
-            times = {"ours": [], "boto3": []}
-            for i in range(args.repeats):  # interleaved, so drift in the server hits both sides
-                times["ours"].append(timed(lambda: ours(i)))
-                times["boto3"].append(timed(lambda: boto3_multipart(i)))
+            sides = {"ours": ours, "boto3": boto3_multipart, "ray default": ray_default}
+            times = {k: [] for k in sides}
+            for i in range(args.repeats):  # interleaved, so drift in the server hits every side
+                for name, fn in sides.items():
+                    times[name].append(timed(lambda: fn(i)))
     finally:
         if server is not None:
             server.terminate()
 
     rate = {k: total_mb / statistics.median(v) for k, v in times.items()}
     print(f"checkpoint: {total_mb:.0f} MB in {len(files)} files, {args.repeats} uploads each, endpoint {args.endpoint}")
-    for k in ("ours", "boto3"):
-        print(f"{k:>6}: {rate[k]:8.1f} MB/s  (runs: {', '.join(f'{total_mb / t:.1f}' for t in times[k])})")
+    for k in times:
+        print(f"{k:>11}: {rate[k]:8.1f} MB/s  (runs: {', '.join(f'{total_mb / t:.1f}' for t in times[k])})")
     print(f"ratio ours / boto3 multipart: {rate['ours'] / rate['boto3']:.2f}")
 
 

@@ -160,7 +160,7 @@ def trainer_for(job: FineTuneJob, paths: RunPaths, workers: int | None = None, l
     )
     return TorchTrainer(
         train_loop,
-        train_loop_config={"spec": dump_spec(job.spec), "output_uri": paths.output, "run": paths.name},
+        train_loop_config={"spec": dump_spec(job.spec), "run": paths.name, "run_uri": paths.run, "output_uri": paths.output},
         scaling_config=scaling,
         run_config=run,
     )

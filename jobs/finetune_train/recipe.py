@@ -132,6 +132,8 @@ def train_loop(config: dict) -> None:
     for past in state["eval"][1:] if stopper else ():
         stopper.should_stop(past)
 
+    upload = store.checkpoint_uploader(config["run_uri"])
+
     def save(metrics: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag=DS_TAG, client_state={"finetune": state})
@@ -139,6 +141,7 @@ def train_loop(config: dict) -> None:
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
                 checkpoint_dir_name=f"checkpoint_{state['step']:08d}",
+                checkpoint_upload_fn=upload,
             )
 
     # ---- loop
@@ -208,5 +211,5 @@ def train_loop(config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             export(trained, spec, tokenizer, Path(tmp) / "model")
             write_report(Path(tmp), state, stop)
-            store.copy_dir(tmp, output_uri)
+            store.upload_dir(tmp, output_uri)
     ray.train.report({**final, "exported": True})

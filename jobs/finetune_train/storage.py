@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
+from boto3.exceptions import S3UploadFailedError
 from botocore.exceptions import BotoCoreError, ClientError
 
 from finetune_api.spec import StorageSpec
@@ -158,6 +159,39 @@ class Store:
                 os.makedirs(dst, exist_ok=True)
             pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
 
+    def upload_dir(self, local: str, uri: str) -> None:
+        """A local folder into storage; on S3 with boto3, several files at once and each in
+        concurrent multipart chunks (bench/checkpoint_io.py: pyarrow's copy, file after file,
+        reached less than half of this)."""
+        if not is_s3(uri):
+            return self.copy_dir(local, uri)
+        from boto3.s3.transfer import TransferConfig
+
+        bucket, prefix = split_s3(uri)
+        files = [f for f in Path(local).rglob("*") if f.is_file()]
+        transfer = TransferConfig(multipart_threshold=8 << 20, multipart_chunksize=16 << 20, max_concurrency=8)
+
+        def upload(f: Path) -> None:
+            self.client.upload_file(str(f), bucket, f"{prefix}/{f.relative_to(local).as_posix()}", Config=transfer)
+
+        with _named(uri), ThreadPoolExecutor(max_workers=4) as pool:
+            list(pool.map(upload, files))
+
+    def checkpoint_uploader(self, run_uri: str):
+        """A `checkpoint_upload_fn` for ray.train.report that writes checkpoints where Ray Train
+        would, through upload_dir; None (Ray's own copy) for local storage."""
+        if not is_s3(run_uri):
+            return None
+
+        def upload(checkpoint, dir_name: str):
+            from ray.train import Checkpoint
+
+            uri = join(run_uri, dir_name)
+            self.upload_dir(checkpoint.path, uri)
+            return Checkpoint(path=uri.removeprefix("s3://"), filesystem=self.s3)
+
+        return upload
+
     def delete_dir(self, uri: str) -> None:
         fs, path = self.filesystem(uri)
         with _named(uri):
@@ -236,5 +270,5 @@ def _named(uri: str):
         yield
     except (StorageError, FileNotFoundError):
         raise
-    except (OSError, BotoCoreError, ClientError) as err:
+    except (OSError, BotoCoreError, ClientError, S3UploadFailedError) as err:
         raise StorageError(f"{uri}: {_reason(err)}") from None
