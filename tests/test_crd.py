@@ -57,6 +57,8 @@ def walk(node: Any, path: str = ""):
                     yield from walk(sub, f"{path}.{name}")
             elif key == "items":
                 yield from walk(value, f"{path}[]")
+            elif key == "additionalProperties":
+                yield from walk(value, f"{path}{{}}")
 
 
 def model_nodes(cls: type[Spec], node: dict, path: str = ""):
@@ -116,9 +118,11 @@ def test_printer_columns(doc):
 
 
 def test_schema_is_structural(root):
-    forbidden = {"$ref", "$defs", "anyOf", "allOf", "oneOf", "not", "title", "additionalProperties", "const"}
+    forbidden = {"$ref", "$defs", "anyOf", "allOf", "oneOf", "not", "title", "const"}
     for path, node in walk(root):
         assert not forbidden & set(node), f"{path or '<root>'}: {sorted(forbidden & set(node))}"
+        if "additionalProperties" in node:  # only a typed map: a schema, and no properties beside it
+            assert isinstance(node["additionalProperties"], dict) and "properties" not in node, path
         preserve = node.get("x-kubernetes-preserve-unknown-fields") is True
         assert "type" in node or preserve, f"{path}: no type"
         if "properties" in node:

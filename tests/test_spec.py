@@ -139,6 +139,9 @@ MALFORMED = [
      "spec.storage.credentialsSecret.name", "DNS-1123"),
     ("inline-credentials", patch({"spec.storage.uri": "s3://b/p", "spec.storage.accessKey": "AKIA..."}),
      "spec.storage.accessKey", "allowed here: uri, endpoint"),
+    ("retries-negative", patch({"spec.retries": -1}), "spec.retries", "greater than or equal to 0"),
+    ("node-selector-not-strings", patch({"spec.scheduling.nodeSelector": {"gpu": True}}), "spec.scheduling.nodeSelector.gpu",
+     "valid string"),
     ("max-failures-below-unlimited", patch({"spec.checkpointing.maxFailures": -2}), "spec.checkpointing.maxFailures",
      "greater than or equal to -1"),
 ]

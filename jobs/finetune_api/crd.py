@@ -66,7 +66,7 @@ _KEY_ORDER = (
     "description", "type", "enum", "format",
     "minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum",
     "minLength", "maxLength", "pattern", "minItems", "maxItems",
-    "items", "default", "properties", "required",
+    "items", "additionalProperties", "default", "properties", "required",
     "x-kubernetes-preserve-unknown-fields", "x-kubernetes-validations",
 )
 # JSON Schema keywords copied as they are; anything else the models produce is an error
@@ -165,12 +165,12 @@ class _Converter:
             if key in ("title", "$defs"):
                 continue
             if key == "additionalProperties":
+                # False: unknown fields are pruned by the apiserver and rejected by kubectl's
+                # strict field validation, so it needs no keyword.
                 if value is True:
                     out["x-kubernetes-preserve-unknown-fields"] = True
                 elif value is not False:
-                    # False: unknown fields are pruned by the apiserver and rejected by
-                    # kubectl's strict field validation; a typed map is not used by the models.
-                    raise CRDError(f"{where}: typed additionalProperties are not supported")
+                    out["additionalProperties"] = self.schema(value, f"{where}{{}}")  # a typed map
             elif key in ("exclusiveMinimum", "exclusiveMaximum"):
                 bound = "minimum" if key == "exclusiveMinimum" else "maximum"
                 if bound in raw:

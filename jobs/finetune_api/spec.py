@@ -289,6 +289,19 @@ PATTERN_HINTS = {
 }
 
 
+class SchedulingSpec(Spec):
+    """Passed through to the Ray pods (head and workers) as the Kubernetes fields of the same name."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the Ray pods must match.")
+    tolerations: list[dict[str, Any]] = Field(
+        default_factory=list, description="Kubernetes Toleration objects, e.g. for tainted GPU nodes."
+    )
+    affinity: dict[str, Any] | None = Field(default=None, description="A Kubernetes Affinity object.")
+    priority_class_name: str | None = Field(
+        default=None, pattern=NAME_PATTERN, max_length=253, description="PriorityClass of the Ray pods."
+    )
+
+
 class ResourcesSpec(Spec):
     nodes: int = Field(default=1, ge=1, le=1024, description="Ray worker nodes.")
     gpus_per_node: int = Field(
@@ -434,6 +447,24 @@ class FineTuneJobSpec(Spec):
     checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    # How the job runs on Kubernetes; `finetune run` ignores these.
+    image: str | None = Field(
+        default=None, min_length=1, description="Trainer image of the Ray pods. Default: the operator's trainer image."
+    )
+    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
+    suspend: bool = Field(
+        default=False, description="true stops the Ray cluster after a checkpoint; false again resumes from it."
+    )
+    retries: int = Field(
+        default=0, ge=0, le=100,
+        description="Attempts after a failed one, each on a new Ray cluster continuing from the latest checkpoint.",
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None, ge=1, description="Fail the job when it has run this long (all attempts together)."
+    )
+    ttl_seconds_after_finished: int = Field(
+        default=3600, ge=0, description="Delete the finished RayJob and its Ray cluster after this long (the FineTuneJob stays)."
+    )
 
     rules = (
         Rule(

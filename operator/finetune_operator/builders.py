@@ -45,9 +45,20 @@ def _container(name: str, image: str, requests: dict, limits: dict, env: list[di
     }
 
 
+def _pod_spec(container: dict, scheduling) -> dict:
+    sched = {
+        "nodeSelector": scheduling.node_selector or None,
+        "tolerations": scheduling.tolerations or None,
+        "affinity": scheduling.affinity,
+        "priorityClassName": scheduling.priority_class_name,
+    }
+    return {"containers": [container], **{k: v for k, v in sched.items() if v is not None}}
+
+
 def build_rayjob(job: FineTuneJob, image: str = DEFAULT_IMAGE) -> dict:
-    r = job.spec.resources
-    worker = {"cpu": str(r.cpus_per_worker * max(r.gpus_per_node, 1))}
+    s = job.spec
+    r, image = s.resources, s.image or image
+    worker = {"cpu": format(r.cpus_per_worker * max(r.gpus_per_node, 1), "g")}  # a quantity: 48, 0.5
     if r.memory_per_worker:
         worker["memory"] = r.memory_per_worker
     worker_limits = {**worker, **({"nvidia.com/gpu": str(r.gpus_per_node)} if r.gpus_per_node else {})}
@@ -75,12 +86,17 @@ def build_rayjob(job: FineTuneJob, image: str = DEFAULT_IMAGE) -> dict:
         "spec": {
             "entrypoint": entrypoint(job),
             "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": s.ttl_seconds_after_finished,
+            # Each retry is a new Ray cluster running the same run, so it resumes from the latest checkpoint.
+            "backoffLimit": s.retries,
+            "suspend": s.suspend,
+            **({"activeDeadlineSeconds": s.active_deadline_seconds} if s.active_deadline_seconds else {}),
             "rayClusterSpec": {
                 "rayVersion": RAY_VERSION,
                 "headGroupSpec": {
                     # the head schedules no training work: all workers land on worker pods
                     "rayStartParams": {"num-cpus": "0"},
-                    "template": {"metadata": {"labels": labels}, "spec": {"containers": [_container("ray-head", image, head, head, env)]}},
+                    "template": {"metadata": {"labels": labels}, "spec": _pod_spec(_container("ray-head", image, head, head, env), s.scheduling)},
                 },
                 "workerGroupSpecs": [
                     {
@@ -91,7 +107,7 @@ def build_rayjob(job: FineTuneJob, image: str = DEFAULT_IMAGE) -> dict:
                         "rayStartParams": {},
                         "template": {
                             "metadata": {"labels": labels},
-                            "spec": {"containers": [_container("ray-worker", image, worker, worker_limits, env)]},
+                            "spec": _pod_spec(_container("ray-worker", image, worker, worker_limits, env), s.scheduling),
                         },
                     }
                 ],
