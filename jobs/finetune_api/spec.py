@@ -533,6 +533,7 @@ class ObjectMeta(BaseModel):
     name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH, pattern=NAME_PATTERN)
     namespace: str | None = None
     uid: str | None = None
+    generation: int | None = None
 
 
 class FineTuneJob(BaseModel):

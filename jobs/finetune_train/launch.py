@@ -107,6 +107,14 @@ def _progress_callback(paths: RunPaths, keep: int, initial: dict):
 
         def __init__(self):
             self.progress = {"checkpoints": [], "resumes": [], "metrics": {}, **initial, "state": "Running"}
+            self.first: tuple[float, int] | None = None  # (time, step) of this run's first report
+
+        def _rate(self, step: int, now: float) -> float | None:
+            """Steps per second since this run's first report: the operator's finish estimate."""
+            if self.first is None:
+                self.first = (now, step)
+            t0, s0 = self.first
+            return (step - s0) / (now - t0) if step > s0 and now > t0 else None
 
         def after_report(self, run_context, metrics, checkpoint):
             latest, p = metrics[0], self.progress
@@ -121,7 +129,8 @@ def _progress_callback(paths: RunPaths, keep: int, initial: dict):
                 entry = {"step": latest["step"], "uri": uri, "eval_loss": latest.get("eval_loss")}
                 p["checkpoints"] = ([c for c in p["checkpoints"] if c["uri"] != uri] + [entry])[-keep:]  # what Ray keeps
                 p["latest_checkpoint"] = uri
-            p.update(step=latest["step"], total_steps=latest["total_steps"], updated=time.time())
+            now = time.time()
+            p.update(step=latest["step"], total_steps=latest["total_steps"], updated=now, steps_per_second=self._rate(latest["step"], now))
             try:
                 paths.store.write_json(paths.progress, p)
             except StorageError as err:  # status lags behind; training and checkpoints go on

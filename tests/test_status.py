@@ -1,0 +1,101 @@
+"""(FineTuneJob, RayJob, progress.json, previous status) → .status: table tests, no cluster."""
+
+import pytest
+
+from conftest import TINY_LLAMA, job_doc
+from finetune_api.spec import parse_job
+from finetune_operator.status import CONDITION_TYPES, Problem, build_status
+
+pytestmark = pytest.mark.unit
+
+T0 = 1_800_000_000.0  # 2027-01-15T08:00:00Z
+PROGRESS = {
+    "state": "Running", "step": 40, "total_steps": 100, "updated": T0, "steps_per_second": 2.0,
+    "metrics": {"train_loss": 1.25, "eval_loss": 1.5, "eval_accuracy": 0.75, "stopped_early": False, "tokens_per_s": 900.0},
+    "latest_checkpoint": "s3://b/runs/sft-6c1e0b8a/checkpoint_00000040",
+    "checkpoints": [
+        {"step": 20, "uri": "s3://b/runs/sft-6c1e0b8a/checkpoint_00000020", "eval_loss": 1.7},
+        {"step": 40, "uri": "s3://b/runs/sft-6c1e0b8a/checkpoint_00000040", "eval_loss": None},
+    ],
+}
+
+
+def job(tmp_path, **spec):
+    doc = job_doc("sft", tmp_path, TINY_LLAMA, **spec)
+    doc["metadata"].update(uid="6c1e0b8a-uid", generation=3)
+    return parse_job(doc)
+
+
+def rayjob(deployment=None, job_status=None, **status):
+    st = {k: v for k, v in (("jobDeploymentStatus", deployment), ("jobStatus", job_status)) if v} | status
+    return {"metadata": {"name": "sft"}, "status": st}
+
+
+@pytest.mark.parametrize(
+    "spec, observed, progress, problem, phase, reason",
+    [
+        ({}, None, None, None, "Pending", "Creating"),
+        ({}, rayjob(), None, None, "Initializing", "Initializing"),
+        ({}, rayjob("Initializing"), None, None, "Initializing", "Initializing"),
+        ({}, rayjob("Running", "RUNNING"), PROGRESS, None, "Running", "Training"),
+        ({}, rayjob("Complete", "SUCCEEDED"), {**PROGRESS, "state": "Succeeded", "model_uri": "s3://m"}, None, "Succeeded", "Succeeded"),
+        ({}, rayjob("Complete", "FAILED"), {**PROGRESS, "state": "Failed", "error": "storage error (s3://b): timeout"}, None,
+         "Failed", "RayJobFailed"),
+        ({}, rayjob("Failed", "FAILED", reason="DeadlineExceeded", message="past activeDeadlineSeconds"), None, None,
+         "Failed", "DeadlineExceeded"),
+        ({"retries": 2}, rayjob("Retrying", "FAILED", failed=1), PROGRESS, None, "Initializing", "Retrying"),
+        ({"suspend": True}, rayjob("Suspending"), PROGRESS, None, "Suspended", "Suspending"),
+        ({"suspend": True}, rayjob("Suspended"), PROGRESS, None, "Suspended", "Suspended"),
+        ({"suspend": True}, None, None, None, "Suspended", "Suspended"),
+        ({}, None, None, Problem("SecretNotFound", "Secret s3-creds not found in team-a"), "Pending", "SecretNotFound"),
+    ],
+)
+def test_phase_table(tmp_path, spec, observed, progress, problem, phase, reason):
+    status = build_status(job(tmp_path, **spec), observed, progress, None, T0, problem)
+    assert status["phase"] == phase
+    by_type = {c["type"]: c for c in status["conditions"]}
+    assert list(by_type) == list(CONDITION_TYPES)
+    assert by_type["Ready"]["status"] == ("False" if problem else "True")
+    for kind in ("Running", "Suspended", "Succeeded", "Failed"):
+        assert by_type[kind]["status"] == ("True" if kind == phase else "False"), kind
+    assert status["reason"] == reason
+    if phase in by_type:
+        assert by_type[phase]["reason"] == reason
+    assert all(c["observedGeneration"] == 3 for c in by_type.values()) and status["observedGeneration"] == 3
+
+
+def test_running_status_mirrors_progress(tmp_path):
+    status = build_status(job(tmp_path), rayjob("Running", "RUNNING"), PROGRESS, None, T0)
+    assert status["progress"] == {"step": 40, "totalSteps": 100, "percent": 40}
+    assert status["metrics"] == {"trainLoss": 1.25, "evalLoss": 1.5, "evalAccuracy": 0.75, "tokensPerS": 900.0}
+    assert status["latestCheckpoint"].endswith("checkpoint_00000040")
+    assert status["checkpoints"] == [  # newest first
+        {"step": 40, "uri": "s3://b/runs/sft-6c1e0b8a/checkpoint_00000040"},
+        {"step": 20, "uri": "s3://b/runs/sft-6c1e0b8a/checkpoint_00000020", "evalLoss": 1.7},
+    ]
+    assert status["estimatedFinish"] == "2027-01-15T08:00:30Z"  # 60 steps left at 2 steps/s
+    assert status["attempts"] == 1 and status["rayJobName"] == "sft" and "modelURI" not in status
+
+
+def test_failure_message_comes_from_the_run_and_attempts_count_failures(tmp_path):
+    progress = {**PROGRESS, "state": "Failed", "error": "storage error (s3://b): timeout"}
+    status = build_status(job(tmp_path), rayjob("Failed", "FAILED", failed=2), progress, None, T0)
+    assert status["message"] == "storage error (s3://b): timeout" and status["attempts"] == 3
+    assert "estimatedFinish" not in status
+
+
+def test_success_carries_the_model_uri(tmp_path):
+    progress = {**PROGRESS, "state": "Succeeded", "step": 100, "model_uri": "s3://b/runs/sft-6c1e0b8a/output/model"}
+    status = build_status(job(tmp_path), rayjob("Complete", "SUCCEEDED"), progress, None, T0)
+    assert status["modelURI"] == "s3://b/runs/sft-6c1e0b8a/output/model" and status["progress"]["percent"] == 100
+
+
+def test_transition_times_move_only_when_a_condition_flips(tmp_path):
+    j = job(tmp_path)
+    first = build_status(j, rayjob("Initializing"), None, None, T0)
+    same = build_status(j, rayjob("Initializing"), None, first, T0 + 60)
+    assert same == first  # nothing changed: the operator writes nothing
+    running = build_status(j, rayjob("Running", "RUNNING"), PROGRESS, same, T0 + 120)
+    times = {c["type"]: c["lastTransitionTime"] for c in running["conditions"]}
+    assert times["Running"] == "2027-01-15T08:02:00Z"
+    assert times["Ready"] == times["Failed"] == "2027-01-15T08:00:00Z"
