@@ -185,7 +185,11 @@ class _Preemption:
 
     def __enter__(self):
         self.signal = preempt.create(self.run)
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        # Python delivers signals to the main thread only; a run started elsewhere keeps the
+        # process's handler.
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def _handle(self, signum, frame):
@@ -198,7 +202,8 @@ class _Preemption:
 
     def __exit__(self, *exc):
         self.deadline.cancel()
-        signal.signal(signal.SIGTERM, self.previous)
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
         return False
 
 
