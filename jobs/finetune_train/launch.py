@@ -263,4 +263,4 @@ def failure_message(error: BaseException | None, storage: str) -> str:
     while cause.__cause__ is not None:
         cause = cause.__cause__
     text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
-    return f"storage error ({storage}): {text}" if isinstance(cause, OSError) else f"{type(cause).__name__}: {text}"
+    return f"storage error ({storage}): {text}" if isinstance(cause, StorageError) else f"{type(cause).__name__}: {text}"

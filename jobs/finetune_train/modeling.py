@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,7 +77,8 @@ def materialize(path: str, gguf_file: str | None) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):
         if not (out / "config.json").exists():
-            tmp = out.with_suffix(".tmp")
+            # A fresh folder per attempt: one left by an interrupted conversion never blocks the next.
+            tmp = out.parent / f"{out.name}.{uuid.uuid4().hex}.tmp"
             AutoTokenizer.from_pretrained(path, gguf_file=src.name).save_pretrained(tmp)
             model = AutoModelForCausalLM.from_pretrained(
                 path, gguf_file=src.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
