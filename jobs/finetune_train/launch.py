@@ -211,7 +211,6 @@ class _Preemption:
 class Outcome:
     state: str  # Succeeded, Preempted or Failed
     progress: dict  # the final progress.json (also when storage could not take it)
-    result: object  # Ray Train's Result, None when fit() was interrupted
 
     @property
     def error(self) -> str | None:
@@ -252,7 +251,7 @@ def run(job: FineTuneJob, paths: RunPaths, workers: int | None = None, local: bo
             paths.store.write_json(paths.progress, final)
         except StorageError as err:
             log.error("progress.json not updated to %s: %s", state, err)
-    return Outcome(state, final, result)
+    return Outcome(state, final)
 
 
 def failure_message(error: BaseException | None, storage: str) -> str:

@@ -113,7 +113,7 @@ def cmd_run(args) -> int:
         if progress.get("state") == "Succeeded":
             print(f"{job.name} already finished in {paths.run}; --restart trains it again")
         else:
-            code = _train(job, paths, args)
+            code = _train(job, paths, args, resumes=len(progress.get("resumes", [])))
             if code:
                 return code
         output = str(Path(args.output).resolve()) if args.output else paths.output
@@ -127,7 +127,8 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _train(job, paths, args) -> int:
+def _train(job, paths, args, resumes: int) -> int:
+    """Train with a progress bar; `resumes`: how many resumes progress.json recorded before."""
     import ray
 
     from finetune_train import launch
@@ -135,7 +136,6 @@ def _train(job, paths, args) -> int:
     if not ray.is_initialized():
         launch.init_ray(include_dashboard=False, log_to_driver=args.verbose, configure_logging=False)
     stop = threading.Event()
-    resumes = len((paths.store.read_json(paths.progress) or {}).get("resumes", []))
     follower = threading.Thread(target=_follow, args=(paths, stop, resumes), daemon=True)
     follower.start()
     try:
