@@ -8,7 +8,7 @@ import pytest
 from conftest import TINY_LLAMA, job_doc, make_job
 from finetune_api.spec import parse_job
 from finetune_train import launch
-from finetune_train.storage import Store
+from finetune_train.storage import Store, build_once
 
 pytestmark = pytest.mark.unit
 
@@ -37,6 +37,31 @@ def test_only_settings_travel_to_other_processes():
 def test_local_inputs_pass_through_unchanged(tmp_path):
     assert Store().local_copy(str(tmp_path)) == str(tmp_path)
     assert Store().local_copy("org/model") == "org/model"
+
+
+def test_a_cache_folder_is_built_once_and_never_left_half_built(tmp_path):
+    out = tmp_path / "model"
+    (tmp_path / "model.0123.tmp").mkdir()  # left by a build that was killed
+
+    def fails(tmp):
+        (tmp / "tokenizer.json").parent.mkdir(parents=True)
+        (tmp / "tokenizer.json").write_text("{}")
+        raise RuntimeError("conversion failed")
+
+    with pytest.raises(RuntimeError):
+        build_once(out, fails)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.lock"]
+
+    calls = []
+
+    def builds(tmp):
+        calls.append(tmp)
+        tmp.mkdir()
+        (tmp / "config.json").write_text("{}")
+
+    build_once(out, builds)
+    build_once(out, builds)
+    assert len(calls) == 1 and (out / "config.json").exists()
 
 
 def test_run_name_carries_the_kubernetes_uid_so_a_recreated_job_starts_afresh(tmp_path):

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,9 +12,9 @@ import torch
 from torch import nn
 
 from finetune_api.spec import FineTuneJobSpec, FreezeSpec
+from finetune_train.storage import CACHE, build_once
 
 DS_TAG = "state"  # fixed DeepSpeed tag: one DeepSpeed checkpoint per Ray checkpoint directory
-CACHE = Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))
 
 
 class ModelSourceError(ValueError):
@@ -69,26 +67,21 @@ def materialize(path: str, gguf_file: str | None) -> str:
     stat = src.stat()
     key = hashlib.sha256(f"{src}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     out = CACHE / "models" / f"{src.stem}-{key}"
-    if (out / "config.json").exists():
-        return str(out)
-    from filelock import FileLock
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out) + ".lock"):
-        if not (out / "config.json").exists():
-            # A fresh folder per attempt: one left by an interrupted conversion never blocks the next.
-            tmp = out.parent / f"{out.name}.{uuid.uuid4().hex}.tmp"
-            AutoTokenizer.from_pretrained(path, gguf_file=src.name).save_pretrained(tmp)
-            model = AutoModelForCausalLM.from_pretrained(
-                path, gguf_file=src.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
-            )
-            # Dequantized weights are plain tensors; transformers still marks a GGUF-loaded model as
-            # unserializable, so drop the marker before saving.
-            model.hf_quantizer = None
-            model.config.__dict__.pop("quantization_config", None)
-            model.save_pretrained(tmp)
-            tmp.rename(out)
+    def convert(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+        AutoTokenizer.from_pretrained(path, gguf_file=src.name).save_pretrained(tmp)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, gguf_file=src.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
+        )
+        # Dequantized weights are plain tensors; transformers still marks a GGUF-loaded model as
+        # unserializable, so drop the marker before saving.
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+        model.save_pretrained(tmp)
+
+    build_once(out, convert)
     return str(out)
 
 

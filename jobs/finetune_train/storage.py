@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
@@ -232,31 +233,47 @@ class Store:
         digest = hashlib.sha256(json.dumps([self.endpoint, bucket, sorted(objects)]).encode()).hexdigest()[:20]
         out = CACHE / "s3" / digest
         target = out / Path(key).name if single else out
-        if out.exists():
-            return str(target)
         from boto3.s3.transfer import TransferConfig
-        from filelock import FileLock
 
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(f"{out}.lock"):  # one download per node, however many workers ask
-            if out.exists():
-                return str(target)
-            tmp = out.with_suffix(f".{uuid.uuid4().hex}.tmp")
-            transfer = TransferConfig(multipart_threshold=16 << 20, multipart_chunksize=16 << 20, max_concurrency=8)
+        transfer = TransferConfig(multipart_threshold=16 << 20, multipart_chunksize=16 << 20, max_concurrency=8)
 
-            def download(obj):
+        def download(tmp: Path) -> None:
+            def one(obj):
                 rel = Path(obj[0]).name if single else Path(obj[0][len(key.rstrip("/")) + 1 :])
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 self.client.download_file(bucket, obj[0], str(tmp / rel), Config=transfer)
 
             try:
                 with ThreadPoolExecutor(max_workers=4) as pool:
-                    list(pool.map(download, objects))
+                    list(pool.map(one, objects))
             except Exception as err:
-                shutil.rmtree(tmp, ignore_errors=True)
                 raise StorageError(f"{uri}: download failed: {_reason(err)}") from None
-            tmp.rename(out)
+
+        build_once(out, download)
         return str(target)
+
+
+def build_once(out: Path, build: Callable[[Path], None]) -> None:
+    """Fill the cache folder `out` once per node, however many processes ask. `build` writes a
+    fresh temporary folder that is renamed into place only when complete, so a killed or failed
+    build never leaves a folder a later run would take for complete."""
+    if out.exists():
+        return
+    from filelock import FileLock
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{out}.lock"):
+        if out.exists():
+            return
+        for stale in out.parent.glob(f"{out.name}.*.tmp"):  # left by a killed build; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = out.parent / f"{out.name}.{uuid.uuid4().hex}.tmp"
+        try:
+            build(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        tmp.rename(out)
 
 
 def _reason(err: BaseException) -> str:
