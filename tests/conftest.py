@@ -2,12 +2,14 @@ import copy
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -81,6 +83,9 @@ def make_job(name: str, tmp_path: Path, model: dict, **spec_overrides):
     return parse_job(job_doc(name, tmp_path, model, **spec_overrides))
 
 
+KUBERAY_NAMESPACE = "kuberay-e2e"
+
+
 @pytest.fixture(scope="session")
 def controlplane(tmp_path_factory):
     """A real etcd + kube-apiserver + kube-controller-manager + KubeRay operator with the
@@ -89,10 +94,47 @@ def controlplane(tmp_path_factory):
     takes a while: infra/build-controlplane.sh)."""
     from finetune_cli.controlplane import ControlPlane, build_binaries
 
-    plane = ControlPlane(bin_dir=build_binaries())
+    # KubeRay acts only in KUBERAY_NAMESPACE: elsewhere tests drive RayJob status themselves,
+    # as KubeRay would, without it overwriting them (there is no kubelet to run Ray).
+    plane = ControlPlane(bin_dir=build_binaries(), kuberay_namespaces=(KUBERAY_NAMESPACE,))
     plane.up(tmp_path_factory.mktemp("controlplane"))
+    plane.api("POST", "/api/v1/namespaces", {"metadata": {"name": KUBERAY_NAMESPACE}})
     yield plane
     plane.down()
+
+
+KUBECTL = shutil.which("kubectl") or "/usr/bin/kubectl"
+
+
+def kubectl(plane, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [KUBECTL, f"--kubeconfig={plane.kubeconfig}", *args], input=stdin, capture_output=True, text=True, timeout=60
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+@pytest.fixture
+def namespace(controlplane):
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    kubectl(controlplane, "create", "namespace", name)
+    yield name
+    kubectl(controlplane, "delete", "namespace", name, "--wait=false", check=False)
+
+
+def get(plane, namespace: str, *what: str) -> dict:
+    return json.loads(kubectl(plane, "get", "-n", namespace, "-o", "json", *what).stdout)
+
+
+def wait_for(what: str, fn, timeout: float = 60.0, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 # Recognisable credentials: the moto server accepts any, and tests scan outputs for them.

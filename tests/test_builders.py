@@ -1,10 +1,12 @@
 """FineTuneJob → RayJob, the pure builder the operator applies: table tests, no cluster."""
 
+import copy
+
 import pytest
 
 from conftest import TINY_LLAMA, job_doc
 from finetune_api.spec import parse_job
-from finetune_operator.builders import DEFAULT_IMAGE, RESTRICTED, build_rayjob
+from finetune_operator.builders import DEFAULT_IMAGE, RESTRICTED, build_rayjob, owned_by, spec_patch
 
 pytestmark = pytest.mark.unit
 
@@ -72,3 +74,40 @@ def test_gpus_scheduling_and_image_reach_the_pods(tmp_path):
     assert worker["limits"] == {"cpu": "48", "memory": "64Gi", "nvidia.com/gpu": "8"}
     assert "nvidia.com/gpu" not in p["head"]["containers"][0]["resources"]["limits"]
     assert rj["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 4
+
+
+def defaulted(rj):
+    """The RayJob as the apiserver and KubeRay hand it back: defaults and status added."""
+    out = copy.deepcopy(rj)
+    out["spec"]["submissionMode"] = "K8sJobMode"
+    out["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["restartPolicy"] = "Always"
+    out["metadata"].update(uid="rj-uid", resourceVersion="7")
+    del out["spec"]["suspend"], out["spec"]["backoffLimit"]  # KubeRay's writes drop zero values (Go omitempty)
+    out["status"] = {"jobDeploymentStatus": "Running"}
+    return out
+
+
+@pytest.mark.parametrize(
+    "change, changed",
+    [
+        ({}, set()),  # only defaults differ: nothing to write
+        ({"suspend": True}, {"spec.suspend"}),
+        ({"resources": {"nodes": 3}}, {"spec.rayClusterSpec.workerGroupSpecs[0].replicas", "spec.rayClusterSpec.workerGroupSpecs[0].minReplicas",
+                                       "spec.rayClusterSpec.workerGroupSpecs[0].maxReplicas"}),
+        ({"scheduling": {"priorityClassName": "batch-high"}}, {"spec.rayClusterSpec.headGroupSpec.template.spec.priorityClassName",
+                                                               "spec.rayClusterSpec.workerGroupSpecs[0].template.spec.priorityClassName"}),
+    ],
+)
+def test_an_existing_rayjob_is_patched_only_when_the_spec_moved(tmp_path, change, changed):
+    observed = defaulted(rayjob(tmp_path))
+    desired = rayjob(tmp_path, **change)
+    patch, paths = spec_patch(desired, observed)
+    assert set(paths) - {"spec.entrypoint"} == changed  # the entrypoint carries the whole spec
+    assert patch == ({"spec": desired["spec"]} if changed else None)
+
+
+def test_a_rayjob_is_ours_only_through_its_controller_reference(tmp_path):
+    rj = rayjob(tmp_path)
+    assert owned_by(rj, UID) and not owned_by(rj, "another-uid")
+    rj["metadata"]["ownerReferences"][0]["controller"] = False
+    assert not owned_by(rj, UID)

@@ -5,15 +5,11 @@ fixture in conftest.py): the CRD installs, the examples apply, the apiserver rej
 KubeRay turns a RayJob built from our spec into a RayCluster."""
 
 import json
-import shutil
-import subprocess
-import time
-import uuid
 
 import pytest
 import yaml
 
-from conftest import EXAMPLES, REPO
+from conftest import EXAMPLES, KUBERAY_NAMESPACE, REPO, get, kubectl, wait_for
 from finetune_api.spec import SpecError, load_manifests, parse_job
 from finetune_operator.builders import build_rayjob
 from test_spec import BASE, MALFORMED, patch
@@ -22,31 +18,9 @@ from test_spec import BASE, MALFORMED, patch
 # hour on 2 cores), and pytest-timeout counts fixture set-up against the first test.
 pytestmark = [pytest.mark.controlplane, pytest.mark.timeout(2700)]
 
-KUBECTL = shutil.which("kubectl") or "/usr/bin/kubectl"
 # Cases only the client names the field of: a manifest of another group/version or kind is
 # not a FineTuneJob to the apiserver at all (kubectl answers "no matches for kind").
 CLIENT_ONLY = {"wrong-apiVersion", "wrong-kind"}
-
-
-def kubectl(plane, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [KUBECTL, f"--kubeconfig={plane.kubeconfig}", *args], input=stdin, capture_output=True, text=True, timeout=60
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
-    return result
-
-
-@pytest.fixture
-def namespace(controlplane):
-    name = f"t-{uuid.uuid4().hex[:8]}"
-    kubectl(controlplane, "create", "namespace", name)
-    yield name
-    kubectl(controlplane, "delete", "namespace", name, "--wait=false", check=False)
-
-
-def get(plane, namespace: str, *what: str) -> dict:
-    return json.loads(kubectl(plane, "get", "-n", namespace, "-o", "json", *what).stdout)
 
 
 def test_crds_are_established(controlplane):
@@ -58,7 +32,7 @@ def test_crds_are_established(controlplane):
 def test_examples_apply_and_print_columns(controlplane, namespace):
     result = kubectl(controlplane, "apply", "-n", namespace, "-f", str(REPO / "examples"))
     expected = sorted(job.name for path in EXAMPLES for job in load_manifests(path))
-    assert len(expected) == 3
+    assert len(expected) == 4
     for name in expected:
         assert f"finetunejob.finetune.dev/{name} created" in result.stdout
     table = kubectl(controlplane, "get", "ftj", "-n", namespace).stdout.splitlines()
@@ -113,17 +87,8 @@ def test_immutable_fields_cannot_change_but_resources_can(controlplane, namespac
     assert job["spec"]["training"].get("lr") != 0.5
 
 
-def wait_for(what: str, fn, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def test_kuberay_creates_the_raycluster_of_our_rayjob(controlplane, namespace):
+def test_kuberay_creates_the_raycluster_of_our_rayjob(controlplane):
+    namespace = KUBERAY_NAMESPACE
     doc = patch({"metadata.name": "rayjob-e2e"})
     kubectl(controlplane, "apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(doc))
     stored = get(controlplane, namespace, "ftj", "rayjob-e2e")

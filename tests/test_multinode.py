@@ -8,6 +8,7 @@ import pytest
 
 from conftest import TINY_LLAMA, make_job
 from finetune_train import launch
+from finetune_train.storage import paths_for
 
 pytestmark = pytest.mark.training
 
@@ -37,7 +38,7 @@ def watch_placement(seen: dict, stop: threading.Event) -> None:
 
 def test_one_worker_per_node_trains_and_checkpoints(two_nodes, tmp_path):
     job = make_job("multinode", tmp_path, TINY_LLAMA, deepspeed={"zeroStage": 2}, checkpointing={"everySteps": 3})
-    paths = launch.paths_for(job)
+    paths = paths_for(job)
     seen, stop = {}, threading.Event()
     watcher = threading.Thread(target=watch_placement, args=(seen, stop))
     watcher.start()

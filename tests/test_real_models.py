@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO
 from finetune_api.spec import load_manifests
 from finetune_train import launch
+from finetune_train.storage import paths_for
 
 pytestmark = pytest.mark.training
 
@@ -52,7 +53,7 @@ def test_smollm2_lora_lowers_held_out_loss_and_exports(ray_local, tmp_path, outp
     spec.training.max_steps, spec.training.micro_batch_size, spec.training.eval_every = 6, 2, None
     spec.dataset.max_length, spec.storage.uri, spec.output.format = 128, str(tmp_path / "runs"), output_format
     job = job.model_copy(update={"spec": spec})
-    paths = launch.paths_for(job)
+    paths = paths_for(job)
     result = launch.run(job, paths)
     assert result.error is None, result.error
     metrics = json.loads(Path(paths.output, "metrics.json").read_text())

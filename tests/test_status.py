@@ -4,7 +4,7 @@ import pytest
 
 from conftest import TINY_LLAMA, job_doc
 from finetune_api.spec import parse_job
-from finetune_operator.status import CONDITION_TYPES, Problem, build_status
+from finetune_operator.status import CONDITION_TYPES, Problem, build_status, invalid_status
 
 pytestmark = pytest.mark.unit
 
@@ -48,6 +48,8 @@ def rayjob(deployment=None, job_status=None, **status):
         ({"suspend": True}, rayjob("Suspended"), PROGRESS, None, "Suspended", "Suspended"),
         ({"suspend": True}, None, None, None, "Suspended", "Suspended"),
         ({}, None, None, Problem("SecretNotFound", "Secret s3-creds not found in team-a"), "Pending", "SecretNotFound"),
+        # Storage the operator cannot read does not stop a running job: only Ready says so.
+        ({}, rayjob("Running", "RUNNING"), None, Problem("StorageUnreachable", "cannot read progress.json"), "Running", "Training"),
     ],
 )
 def test_phase_table(tmp_path, spec, observed, progress, problem, phase, reason):
@@ -99,3 +101,12 @@ def test_transition_times_move_only_when_a_condition_flips(tmp_path):
     times = {c["type"]: c["lastTransitionTime"] for c in running["conditions"]}
     assert times["Running"] == "2027-01-15T08:02:00Z"
     assert times["Ready"] == times["Failed"] == "2027-01-15T08:00:00Z"
+
+
+def test_a_spec_the_models_reject_fails_naming_the_field():
+    message = "spec.training.lr: Input should be greater than 0"
+    status = invalid_status(4, message, None, T0)
+    by_type = {c["type"]: c for c in status["conditions"]}
+    assert status["phase"] == "Failed" and status["reason"] == "InvalidSpec" and status["message"] == message
+    assert by_type["Ready"]["status"] == "False" and by_type["Failed"]["status"] == "True"
+    assert by_type["Failed"]["observedGeneration"] == 4

@@ -8,7 +8,7 @@ import pytest
 from conftest import TINY_LLAMA, job_doc, make_job
 from finetune_api.spec import parse_job
 from finetune_train import launch
-from finetune_train.storage import Store, build_once
+from finetune_train.storage import Store, build_once, paths_for
 
 pytestmark = pytest.mark.unit
 
@@ -73,7 +73,7 @@ def test_run_name_carries_the_kubernetes_uid_so_a_recreated_job_starts_afresh(tm
 
 def test_a_run_folder_refuses_a_different_training(tmp_path):
     job = make_job("same", tmp_path, TINY_LLAMA)
-    paths = launch.paths_for(job)
+    paths = paths_for(job)
     launch.check_same_run(job, paths)
     launch.check_same_run(job, paths)  # the same spec continues
     resized = make_job("same", tmp_path, TINY_LLAMA, resources={"nodes": 1}, checkpointing={"keep": 5})

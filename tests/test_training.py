@@ -9,6 +9,7 @@ import torch
 
 from conftest import TINY_BERT, TINY_LLAMA, make_job
 from finetune_train import launch
+from finetune_train.storage import paths_for
 from finetune_train.modeling import (
     checkpoint_weights,
     build_model,
@@ -31,7 +32,7 @@ def ray_local():
 
 
 def train(job):
-    paths = launch.paths_for(job)
+    paths = paths_for(job)
     result = launch.run(job, paths)
     assert result.error is None, result.error
     return paths, json.loads(Path(paths.output, "metrics.json").read_text())

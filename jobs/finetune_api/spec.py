@@ -562,8 +562,11 @@ def dump_spec(spec: FineTuneJobSpec) -> dict[str, Any]:
 
 
 def encode_job(job: FineTuneJob) -> str:
-    """The form a job travels in to the training program: base64 of compact JSON."""
-    doc = {"apiVersion": API_VERSION, "kind": KIND, "metadata": job.metadata.model_dump(exclude_none=True), "spec": dump_spec(job.spec)}
+    """The form a job travels in to the training program: base64 of compact JSON. Of the
+    metadata only the identity travels: the rest (resourceVersion, managedFields, ...) changes
+    with every write and would make the RayJob differ from itself."""
+    metadata = job.metadata.model_dump(include={"name", "namespace", "uid"}, exclude_none=True)
+    doc = {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": dump_spec(job.spec)}
     return base64.b64encode(json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()).decode()
 
 

@@ -21,9 +21,10 @@ def parse_args(argv: list[str]) -> FineTuneJob:
 def main(argv: list[str] | None = None) -> int:
     job = parse_args(sys.argv[1:] if argv is None else argv)
     from finetune_train import launch
+    from finetune_train.storage import paths_for
 
     launch.init_ray(address="auto")
-    return 0 if launch.run(job, launch.paths_for(job), local=False).state == "Succeeded" else 1
+    return 0 if launch.run(job, paths_for(job), local=False).state == "Succeeded" else 1
 
 
 if __name__ == "__main__":

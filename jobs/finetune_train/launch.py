@@ -18,11 +18,10 @@ from pathlib import Path
 
 from finetune_api.spec import FineTuneJob, dump_spec
 from finetune_train import preempt
-from finetune_train.storage import Store, StorageError, is_s3, join, normalize
+from finetune_train.storage import RunPaths, Store, StorageError, is_s3, join
 
 log = logging.getLogger("finetune.launch")
 
-PROGRESS = "progress.json"
 SPEC = "spec.json"
 # Ray Train's controller collects a report when it polls the workers (every 2 s by default) and
 # a worker's next report waits until the previous one is collected, so frequent logging would
@@ -34,29 +33,6 @@ def init_ray(**kwargs) -> None:
     import ray
 
     ray.init(runtime_env={"env_vars": RAY_ENV}, **kwargs)
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    storage: str  # normalized storage root
-    name: str  # the run name: the folder of the run in storage
-    store: Store
-
-    @property
-    def run(self) -> str:
-        return join(self.storage, self.name)
-
-    @property
-    def progress(self) -> str:
-        return join(self.run, PROGRESS)
-
-    @property
-    def output(self) -> str:
-        return join(self.run, "output")
-
-
-def paths_for(job: FineTuneJob, storage_uri: str | None = None) -> RunPaths:
-    return RunPaths(normalize(storage_uri or job.spec.storage.uri), job.run_name, Store.of(job.spec.storage))
 
 
 def check_inputs(job: FineTuneJob, store: Store) -> list[str]:

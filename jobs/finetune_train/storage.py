@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -26,7 +26,7 @@ import pyarrow.fs as pafs
 from boto3.exceptions import S3UploadFailedError
 from botocore.exceptions import BotoCoreError, ClientError
 
-from finetune_api.spec import StorageSpec
+from finetune_api.spec import FineTuneJob, StorageSpec
 
 DEFAULT_LOCAL_STORAGE = Path.home() / ".cache" / "finetune" / "runs"
 CACHE = Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))
@@ -53,6 +53,32 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *parts])
 
 
+@dataclass(frozen=True)
+class RunPaths:
+    """Where a run keeps everything: <storage>/<run name>/ holds the checkpoints, spec.json,
+    progress.json (read by `finetune run` and the operator) and output/."""
+
+    storage: str  # normalized storage root
+    name: str  # the run name: the folder of the run in storage
+    store: Store
+
+    @property
+    def run(self) -> str:
+        return join(self.storage, self.name)
+
+    @property
+    def progress(self) -> str:
+        return join(self.run, "progress.json")
+
+    @property
+    def output(self) -> str:
+        return join(self.run, "output")
+
+
+def paths_for(job: FineTuneJob, storage_uri: str | None = None, credentials: dict[str, str] | None = None) -> RunPaths:
+    return RunPaths(normalize(storage_uri or job.spec.storage.uri), job.run_name, Store.of(job.spec.storage, credentials))
+
+
 def split_s3(uri: str) -> tuple[str, str]:
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     return bucket, key
@@ -60,21 +86,24 @@ def split_s3(uri: str) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class Store:
-    """The S3 settings of a spec (endpoint, region, addressing, timeouts, retries)."""
+    """The S3 settings of a spec (endpoint, region, addressing, timeouts, retries). Credentials
+    come from the standard AWS chain, except where a caller that read them from a Kubernetes
+    Secret (the operator) passes them; those are never printed or pickled."""
 
     endpoint: str | None = None
     region: str | None = None
     path_style: bool | None = None
     timeout_seconds: int = 30
     max_attempts: int = 8
+    credentials: dict[str, str] | None = field(default=None, repr=False, compare=False)  # boto3 client keyword args
 
     @classmethod
-    def of(cls, spec: StorageSpec) -> Store:
-        return cls(spec.endpoint, spec.region, spec.path_style, spec.timeout_seconds, spec.max_attempts)
+    def of(cls, spec: StorageSpec, credentials: dict[str, str] | None = None) -> Store:
+        return cls(spec.endpoint, spec.region, spec.path_style, spec.timeout_seconds, spec.max_attempts, credentials)
 
     def __getstate__(self):
         # Only the settings travel to other processes; each makes its own clients.
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "credentials"}
 
     @property
     def _path_style(self) -> bool:
@@ -101,6 +130,7 @@ class Store:
 
         return boto3.session.Session().client(
             "s3",
+            **(self.credentials or {}),
             endpoint_url=self.endpoint,
             region_name=self.region or ("us-east-1" if self.endpoint else None),
             config=Config(

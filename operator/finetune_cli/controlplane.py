@@ -180,9 +180,10 @@ class ControlPlane:
     (system:masters) kubeconfig. `down()` stops them. Logs: state_dir/<binary>.log.
     """
 
-    def __init__(self, bin_dir: Path | str | None = None, timeout: float = 120.0):
+    def __init__(self, bin_dir: Path | str | None = None, timeout: float = 120.0, kuberay_namespaces: tuple[str, ...] = ()):
         self.bin_dir = Path(bin_dir) if bin_dir else None
         self.timeout = timeout
+        self.kuberay_namespaces = kuberay_namespaces  # empty: KubeRay acts in every namespace
         self.state_dir: Path | None = None
         self.ports: dict[str, int] = {}
         self.pids: dict[str, int] = {}
@@ -311,6 +312,7 @@ class ControlPlane:
                 f"--health-probe-bind-address=127.0.0.1:{probe}",
                 "--enable-leader-election=false",
                 "--log-stdout-encoder=console",
+                *([f"--watch-namespace={','.join(self.kuberay_namespaces)}"] if self.kuberay_namespaces else []),
             ],
             env={"KUBECONFIG": str(kubeconfig)},
         )

@@ -98,9 +98,9 @@ def cmd_run(args) -> int:
     job = localize(job, Path(args.spec).resolve().parent)
 
     from finetune_train import launch
-    from finetune_train.storage import StorageError, join
+    from finetune_train.storage import StorageError, join, paths_for
 
-    paths = launch.paths_for(job, args.storage)
+    paths = paths_for(job, args.storage)
     problems = launch.check_inputs(job, paths.store)
     if problems:
         print(f"INVALID {args.spec}:\n" + "\n".join(f"  {p}" for p in problems), file=sys.stderr)
@@ -203,6 +203,16 @@ def cmd_cluster(args) -> int:
     return 0
 
 
+def cmd_operator(args) -> int:
+    from finetune_operator.app import Options, run
+
+    return run(Options(
+        namespaces=args.namespace, image=args.image, poll_seconds=args.poll_seconds, metrics_address=args.metrics_address,
+        leader_election=args.leader_election, lease_name=args.lease_name, lease_namespace=args.lease_namespace,
+        log_format=args.log_format,
+    ))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="finetune", description="Distributed fine-tuning on Ray, locally or on Kubernetes.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -228,6 +238,19 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("action", choices=["up", "down", "env"], help="up: start (prints the kubeconfig path); down: stop and delete; env: print export KUBECONFIG=...")
     k.add_argument("--state-dir", default=None, metavar="DIR", help="where certificates, data, logs and the kubeconfig go (default ~/.cache/finetune/cluster, or $FINETUNE_CLUSTER_DIR)")
     k.set_defaults(func=cmd_cluster)
+
+    from finetune_operator.builders import DEFAULT_IMAGE
+
+    o = sub.add_parser("operator", help="run the operator against the cluster of $KUBECONFIG (or in-cluster)")
+    o.add_argument("--namespace", action="append", default=[], metavar="NS", help="watch this namespace (repeat for more; default: all)")
+    o.add_argument("--image", default=DEFAULT_IMAGE, help="Ray image for jobs that set no spec.image (default: %(default)s)")
+    o.add_argument("--poll-seconds", type=float, default=10.0, help="how often progress.json is read per running job (default: %(default)s)")
+    o.add_argument("--metrics-address", default="0.0.0.0:8080", metavar="HOST:PORT", help="serves /metrics and /healthz (default: %(default)s)")
+    o.add_argument("--no-leader-election", dest="leader_election", action="store_false", help="act without holding the Lease (one replica only)")
+    o.add_argument("--lease-name", default="finetune-operator")
+    o.add_argument("--lease-namespace", default=None, metavar="NS", help="default: $POD_NAMESPACE, else default")
+    o.add_argument("--log-format", choices=["json", "plain"], default="json")
+    o.set_defaults(func=cmd_operator)
     return p
 
 

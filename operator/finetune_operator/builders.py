@@ -114,3 +114,31 @@ def build_rayjob(job: FineTuneJob, image: str = DEFAULT_IMAGE) -> dict:
             },
         },
     }
+
+
+def owned_by(obj: dict, uid: str | None) -> bool:
+    return any(ref.get("uid") == uid and ref.get("controller") for ref in obj["metadata"].get("ownerReferences", []))
+
+
+def differences(observed, desired, path: str = "spec") -> list[str]:
+    """The paths where observed lacks a value desired sets. What the apiserver and KubeRay add
+    (defaults) is no difference, nor is a zero value KubeRay's Go types leave out on their
+    writes (omitempty: `suspend: false`, `backoffLimit: 0`)."""
+    if observed is None and not desired:
+        return []
+    if isinstance(desired, dict):
+        if not isinstance(observed, dict):
+            return [path]
+        return [d for k, v in desired.items() for d in differences(observed.get(k), v, f"{path}.{k}")]
+    if isinstance(desired, list):
+        if not isinstance(observed, list) or len(observed) != len(desired):
+            return [path]
+        return [d for i, (o, v) in enumerate(zip(observed, desired)) for d in differences(o, v, f"{path}[{i}]")]
+    return [] if observed == desired else [path]
+
+
+def spec_patch(desired: dict, observed: dict) -> tuple[dict | None, list[str]]:
+    """The merge patch that brings an existing RayJob to the desired spec (suspend, resources,
+    scheduling) and the paths that differ; (None, []) when it already has it."""
+    changed = differences(observed.get("spec"), desired["spec"])
+    return ({"spec": desired["spec"]} if changed else None), changed

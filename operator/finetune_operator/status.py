@@ -16,7 +16,8 @@ CHECKPOINTS_SHOWN = 5
 
 
 class Problem(NamedTuple):
-    """Something outside the spec that stops the job (a missing Secret, unreachable storage)."""
+    """Something outside the spec that is wrong (a missing Secret, unreachable storage): Ready
+    turns False; before the RayJob exists it also holds the job in Pending."""
 
     reason: str
     message: str
@@ -41,14 +42,14 @@ def phase_of(job: FineTuneJob, rayjob: dict | None, progress: dict, problem: Pro
     if deployment == "Failed" or (deployment == "Complete" and job_status in ("FAILED", "STOPPED")):
         message = progress.get("error") or st.get("message") or "the Ray job failed"
         return "Failed", st.get("reason") or "RayJobFailed", message
-    if problem is not None:
+    if rayjob is None and problem is not None:
         return "Pending", problem.reason, problem.message
     if rayjob is None:
         return "Pending", "Creating", "creating the RayJob"
     if deployment == "Running":
         return "Running", "Training", f"step {progress['step']} of {progress['total_steps']}" if progress.get("step") else "starting"
     if deployment == "Retrying":
-        return "Initializing", "Retrying", f"attempt {st.get('failed', 0) + 2} starts a new Ray cluster and resumes from the latest checkpoint"
+        return "Initializing", "Retrying", f"attempt {st.get('failed', 0) + 1} starts a new Ray cluster and resumes from the latest checkpoint"
     return "Initializing", "Initializing", "starting the Ray cluster"
 
 
@@ -111,3 +112,11 @@ def build_status(job: FineTuneJob, rayjob: dict | None, progress: dict | None, p
     if phase == "Succeeded" and progress.get("model_uri"):
         status["modelURI"] = progress["model_uri"]
     return status
+
+
+def invalid_status(generation: int | None, message: str, previous: dict | None, now: float) -> dict:
+    """The status of an object the models reject although the apiserver stored it (a CRD older
+    than the operator, a rule only the models know): Failed, naming the field."""
+    problem = Problem("InvalidSpec", message)
+    conds = conditions("Failed", problem.reason, message, problem, generation, (previous or {}).get("conditions", []), _rfc3339(now))
+    return {"phase": "Failed", "reason": problem.reason, "message": message, "observedGeneration": generation, "conditions": conds}

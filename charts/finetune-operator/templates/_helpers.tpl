@@ -48,3 +48,82 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: finetune-operator
 {{- end }}
+
+{{/*
+Selector labels of one component (operator, minio): the operator's Service must not select
+MinIO's pods, which share the release's name and instance labels.
+*/}}
+{{- define "finetune-operator.componentSelectorLabels" -}}
+{{ include "finetune-operator.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/*
+Standard labels plus the component label.
+*/}}
+{{- define "finetune-operator.componentLabels" -}}
+{{ include "finetune-operator.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/*
+The operator's ServiceAccount.
+*/}}
+{{- define "finetune-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "finetune-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Images; tags default to the chart's appVersion so chart and images move together.
+*/}}
+{{- define "finetune-operator.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "finetune-operator.trainerImage" -}}
+{{- default (printf "ghcr.io/finetune-operator/trainer:%s" .Chart.AppVersion) .Values.trainerImage }}
+{{- end }}
+
+{{/*
+Name of the dev MinIO's Deployment, Service and credentials Secret.
+*/}}
+{{- define "finetune-operator.minio" -}}
+{{- printf "%s-minio" (include "finetune-operator.fullname" . | trunc 57 | trimSuffix "-") }}
+{{- end }}
+
+{{/*
+What the operator does in the namespaces it watches; a ClusterRole holds these rules in
+cluster-wide mode, a Role per watched namespace otherwise. Secrets: get only, by name
+(spec.storage.credentialsSecret); never list or watch them.
+*/}}
+{{- define "finetune-operator.watchRules" -}}
+- apiGroups: ["finetune.dev"]
+  resources: ["finetunejobs"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["finetune.dev"]
+  resources: ["finetunejobs/status"]
+  verbs: ["get", "patch", "update"]
+- apiGroups: ["ray.io"]
+  resources: ["rayjobs"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end }}
+
+{{/*
+Leader-election Lease: its name, passed to the operator and named in the Role.
+*/}}
+{{- define "finetune-operator.leaseName" -}}
+{{- include "finetune-operator.fullname" . }}
+{{- end }}

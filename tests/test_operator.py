@@ -1,0 +1,333 @@
+"""The operator (`finetune operator`, a real subprocess) against the real control plane: the
+examples become RayJobs that KubeRay turns into RayClusters; status, conditions, progress,
+metrics and Events follow RayJob status driven as KubeRay writes it and a progress.json in
+the S3 test server; missing Secrets and unreachable storage; suspend/resume, retry, delete;
+an operator killed while creating 50 jobs; leader election; /metrics and /healthz."""
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import EXAMPLES, KUBECTL, KUBERAY_NAMESPACE, S3_KEY_ID, S3_SECRET, TINY_BERT, get, job_doc, kubectl, wait_for
+from finetune_cli.controlplane import free_port
+from finetune_api.spec import load_manifests
+
+pytestmark = [pytest.mark.controlplane, pytest.mark.timeout(600)]
+
+
+class Operator:
+    """`finetune operator` as a subprocess, with its own log, metrics port and Lease."""
+
+    def __init__(self, plane, log: Path, *args: str, lease: str = "finetune-operator-test"):
+        self.log, self.port = log, free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "finetune_cli.main", "operator", "--poll-seconds", "0.5",
+             "--metrics-address", f"127.0.0.1:{self.port}", "--lease-name", lease, "--lease-namespace", "default", *args],
+            env={**os.environ, "KUBECONFIG": str(plane.kubeconfig)}, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+        )
+        wait_for("the operator's /healthz", lambda: self.proc.poll() is None and self.get("/healthz") == "ok", 60)
+
+    def get(self, path: str) -> str | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
+                return r.read().decode()
+        except OSError:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the operator exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}") from None
+            return None
+
+    def metric(self, name: str, /, **labels) -> float | None:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        samples = [s for f in text_string_to_metric_families(self.get("/metrics") or "") for s in f.samples]
+        return next((s.value for s in samples if s.name == name and s.labels == labels), None)
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def operator(controlplane, namespace, tmp_path):
+    op = Operator(controlplane, tmp_path / "operator.log", "--namespace", namespace, "--namespace", KUBERAY_NAMESPACE)
+    yield op
+    assert op.stop() == 0, op.log.read_text()[-3000:]
+
+
+def apply(plane, namespace: str, doc: dict) -> dict:
+    kubectl(plane, "apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(doc))
+    return get(plane, namespace, "ftj", doc["metadata"]["name"])
+
+
+def rayjob_of(plane, namespace: str, name: str, timeout: float = 30) -> dict:
+    def fetch():
+        result = kubectl(plane, "get", "rayjob", name, "-n", namespace, "-o", "json", check=False)
+        return json.loads(result.stdout) if result.returncode == 0 else None
+
+    return wait_for(f"RayJob {namespace}/{name}", fetch, timeout)
+
+
+def drive(plane, namespace: str, name: str, **status) -> None:
+    """Writes RayJob status as KubeRay would (KubeRay does not act in this namespace)."""
+    kubectl(plane, "patch", "rayjob", name, "-n", namespace, "--subresource=status", "--type=merge", "-p", json.dumps({"status": status}))
+
+
+def status_of(plane, namespace: str, name: str) -> dict:
+    return get(plane, namespace, "ftj", name).get("status", {})
+
+
+def until_status(plane, namespace: str, name: str, what: str, check, timeout: float = 30) -> dict:
+    def ok():
+        status = status_of(plane, namespace, name)
+        return status if check(status) else None
+
+    try:
+        return wait_for(what, ok, timeout)
+    except AssertionError:
+        raise AssertionError(f"{what}; status is {json.dumps(status_of(plane, namespace, name), indent=1)}") from None
+
+
+def events_of(plane, namespace: str, name: str) -> list[tuple[str, str]]:
+    items = get(plane, namespace, "events", "--field-selector", f"involvedObject.name={name},involvedObject.kind=FineTuneJob")["items"]
+    return [(e["type"], e["reason"]) for e in sorted(items, key=lambda e: (e["metadata"]["creationTimestamp"], e["metadata"]["resourceVersion"]))]
+
+
+def owned(plane, namespace: str, kind: str, owner_uid: str) -> list[dict]:
+    items = get(plane, namespace, kind)["items"]
+    return [o for o in items if any(r["uid"] == owner_uid for r in o["metadata"].get("ownerReferences", []))]
+
+
+def s3_job(name: str, tmp_path, endpoint: str, secret: str = "s3-credentials", **spec) -> dict:
+    return job_doc(name, tmp_path, TINY_BERT, storage={"uri": "s3://ftj/runs", "endpoint": endpoint, "credentialsSecret": {"name": secret}}, **spec)
+
+
+def create_secret(plane, namespace: str, name: str = "s3-credentials") -> None:
+    data = {"AWS_ACCESS_KEY_ID": S3_KEY_ID, "AWS_SECRET_ACCESS_KEY": S3_SECRET}
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}
+    kubectl(plane, "apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(secret))
+
+
+def test_examples_become_rayjobs_and_kuberay_creates_their_clusters(controlplane, operator):
+    ns = KUBERAY_NAMESPACE
+    create_secret(controlplane, ns)  # the GPU example's storage credentials
+    kubectl(controlplane, "apply", "-n", ns, "-f", str(EXAMPLES[0].parent))
+    try:
+        for path in EXAMPLES:
+            (job,) = load_manifests(path)
+            uid = get(controlplane, ns, "ftj", job.name)["metadata"]["uid"]
+            rj = rayjob_of(controlplane, ns, job.name)
+            assert rj["metadata"]["ownerReferences"][0]["uid"] == uid
+            cluster = rj["spec"]["rayClusterSpec"]
+            head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+            assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0" and "nvidia.com/gpu" not in head["resources"]["limits"]
+            (group,) = cluster["workerGroupSpecs"]
+            worker = group["template"]["spec"]["containers"][0]
+            assert group["replicas"] == job.spec.resources.nodes
+            assert worker["resources"]["limits"].get("nvidia.com/gpu", "0") == str(job.spec.resources.gpus_per_node)
+            assert worker["securityContext"]["runAsNonRoot"] and worker["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+            if job.spec.storage.credentials_secret:
+                env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in worker["env"]}
+                assert env["AWS_SECRET_ACCESS_KEY"] == {"name": "s3-credentials", "key": "AWS_SECRET_ACCESS_KEY"}
+            wait_for(f"KubeRay's RayCluster of {job.name}", lambda: owned(controlplane, ns, "rayclusters", rj["metadata"]["uid"]), 30)
+            until_status(controlplane, ns, job.name, "phase Initializing", lambda s: s.get("phase") == "Initializing")
+    finally:
+        kubectl(controlplane, "delete", "-n", ns, "-f", str(EXAMPLES[0].parent), "--wait=false")
+
+
+def progress(step: int, total: int = 100, state: str = "Running", **extra) -> dict:
+    run = "s3://ftj/runs/x"
+    return {
+        "state": state, "step": step, "total_steps": total, "updated": time.time(), "steps_per_second": 2.0,
+        "metrics": {"train_loss": 2.0 - step / 100, "eval_loss": 1.5, "tokens_per_s": 1200.0},
+        "latest_checkpoint": f"{run}/checkpoint_{step:08d}",
+        "checkpoints": [{"step": s, "uri": f"{run}/checkpoint_{s:08d}", "eval_loss": 1.5} for s in range(10, step + 1, 10)],
+        **extra,
+    }
+
+
+def put_progress(s3, job: dict, doc: dict) -> None:
+    run = f"{job['metadata']['name']}-{job['metadata']['uid'][:8]}"  # the run name the job's entrypoint carries
+    s3.client().put_object(Bucket="ftj", Key=f"runs/{run}/progress.json", Body=json.dumps(doc).encode())
+
+
+@pytest.fixture
+def bucket(s3):
+    if "ftj" not in [b["Name"] for b in s3.client().list_buckets()["Buckets"]]:
+        s3.bucket("ftj")
+    return s3
+
+
+def test_status_follows_the_rayjob_and_progress_json(controlplane, namespace, operator, bucket, tmp_path):
+    create_secret(controlplane, namespace)
+    job = apply(controlplane, namespace, s3_job("follow", tmp_path, bucket.endpoint))
+    rayjob_of(controlplane, namespace, "follow")
+    until_status(controlplane, namespace, "follow", "Initializing", lambda s: s.get("phase") == "Initializing")
+
+    drive(controlplane, namespace, "follow", jobDeploymentStatus="Running", jobStatus="RUNNING")
+    put_progress(bucket, job, progress(40))
+    st = until_status(controlplane, namespace, "follow", "Running at step 40", lambda s: s.get("progress", {}).get("step") == 40)
+    assert st["phase"] == "Running" and st["progress"] == {"step": 40, "totalSteps": 100, "percent": 40}
+    assert st["metrics"] == {"trainLoss": 1.6, "evalLoss": 1.5, "tokensPerS": 1200.0}
+    assert st["latestCheckpoint"] == "s3://ftj/runs/x/checkpoint_00000040" and [c["step"] for c in st["checkpoints"]] == [40, 30, 20, 10]
+    assert "estimatedFinish" in st and st["observedGeneration"] == job["metadata"]["generation"]
+    conditions = {c["type"]: c for c in st["conditions"]}
+    assert conditions["Running"]["status"] == "True" and conditions["Ready"]["status"] == "True"
+    assert set(conditions["Running"]) == {"type", "status", "reason", "message", "lastTransitionTime", "observedGeneration"}
+    assert operator.metric("finetune_job_step", namespace=namespace, name="follow") == 40
+    assert operator.metric("finetune_job_train_loss", namespace=namespace, name="follow") == 1.6
+    assert operator.metric("finetune_jobs", phase="Running") >= 1
+
+    # Polls that find nothing new write nothing: the object's resourceVersion stays.
+    version = get(controlplane, namespace, "ftj", "follow")["metadata"]["resourceVersion"]
+    time.sleep(3)  # six polls
+    assert get(controlplane, namespace, "ftj", "follow")["metadata"]["resourceVersion"] == version
+
+    put_progress(bucket, job, progress(100, state="Succeeded", model_uri="s3://ftj/runs/x/output/model"))
+    drive(controlplane, namespace, "follow", jobDeploymentStatus="Complete", jobStatus="SUCCEEDED")
+    st = until_status(controlplane, namespace, "follow", "Succeeded", lambda s: s.get("phase") == "Succeeded" and "modelURI" in s)
+    assert st["modelURI"] == "s3://ftj/runs/x/output/model" and st["progress"]["percent"] == 100 and "estimatedFinish" not in st
+    assert {c["type"]: c["status"] for c in st["conditions"]}["Succeeded"] == "True"
+    wait_for("the Succeeded Event", lambda: ("Normal", "Succeeded") in events_of(controlplane, namespace, "follow"), 15)
+    assert [r for _, r in events_of(controlplane, namespace, "follow")] == ["Initializing", "Training", "Succeeded"]
+
+    # Structured logs: every line the operator wrote is a JSON object.
+    lines = [line for line in operator.log.read_text().splitlines() if line.strip()]
+    assert lines and all(isinstance(json.loads(line), dict) for line in lines)
+
+
+def test_a_failed_run_reports_the_programs_error(controlplane, namespace, operator, bucket, tmp_path):
+    create_secret(controlplane, namespace)
+    job = apply(controlplane, namespace, s3_job("fails", tmp_path, bucket.endpoint))
+    rayjob_of(controlplane, namespace, "fails")
+    put_progress(bucket, job, progress(30, state="Failed", error="storage error (s3://ftj/runs): Connection was closed"))
+    drive(controlplane, namespace, "fails", jobDeploymentStatus="Failed", jobStatus="FAILED", reason="AppFailed", failed=1)
+    st = until_status(controlplane, namespace, "fails", "Failed", lambda s: s.get("phase") == "Failed" and "storage error" in s.get("message", ""))
+    assert st["reason"] == "AppFailed" and st["attempts"] == 2
+    wait_for("a Warning Event", lambda: ("Warning", "AppFailed") in events_of(controlplane, namespace, "fails"), 15)
+
+
+def test_a_missing_secret_holds_the_job_and_unreachable_storage_shows_in_ready(controlplane, namespace, operator, bucket, tmp_path):
+    apply(controlplane, namespace, s3_job("nosecret", tmp_path, bucket.endpoint, secret="absent"))
+    st = until_status(controlplane, namespace, "nosecret", "SecretNotFound", lambda s: s.get("reason") == "SecretNotFound")
+    ready = {c["type"]: c for c in st["conditions"]}["Ready"]
+    assert st["phase"] == "Pending" and ready["status"] == "False" and ready["reason"] == "SecretNotFound"
+    assert "spec.storage.credentialsSecret.name" in st["message"] and f"{namespace}/absent" in st["message"]
+    assert not kubectl(controlplane, "get", "rayjob", "nosecret", "-n", namespace, check=False).returncode == 0
+    wait_for("a Warning Event", lambda: ("Warning", "SecretNotFound") in events_of(controlplane, namespace, "nosecret"), 15)
+    create_secret(controlplane, namespace, "absent")  # the poll picks it up
+    rayjob_of(controlplane, namespace, "nosecret")
+    until_status(controlplane, namespace, "nosecret", "Ready again", lambda s: s.get("phase") == "Initializing")
+
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    create_secret(controlplane, namespace)
+    apply(controlplane, namespace, s3_job("nostorage", tmp_path, closed))
+    rayjob_of(controlplane, namespace, "nostorage")
+    drive(controlplane, namespace, "nostorage", jobDeploymentStatus="Running", jobStatus="RUNNING")
+    st = until_status(controlplane, namespace, "nostorage", "StorageUnreachable",
+                      lambda s: any(c["type"] == "Ready" and c["reason"] == "StorageUnreachable" for c in s.get("conditions", [])))
+    ready = {c["type"]: c for c in st["conditions"]}["Ready"]
+    assert st["phase"] == "Running" and ready["status"] == "False" and "spec.storage.uri" in ready["message"]
+    assert S3_SECRET not in json.dumps(st) and operator.proc.poll() is None
+
+
+def test_mutable_fields_reach_the_rayjob_and_retries_continue_the_same_run(controlplane, operator, tmp_path):
+    """Real KubeRay: resources change the RayJob; suspend stops the Ray cluster and resume
+    starts a new one; a retry (KubeRay's Retrying, after it counted a failure against
+    backoffLimit) starts attempt 2 on a new cluster with the same run name."""
+    ns, name = KUBERAY_NAMESPACE, "lifecycle"
+    doc = job_doc(name, tmp_path, TINY_BERT, retries=2)
+    try:
+        job = apply(controlplane, ns, doc)
+        rj = rayjob_of(controlplane, ns, name)
+        entrypoint = rj["spec"]["entrypoint"]
+        first = wait_for("the first RayCluster", lambda: owned(controlplane, ns, "rayclusters", rj["metadata"]["uid"]), 30)[0]
+
+        kubectl(controlplane, "patch", "ftj", name, "-n", ns, "--type=merge", "-p", '{"spec":{"resources":{"nodes":3}}}')
+        wait_for("3 worker replicas", lambda: rayjob_of(controlplane, ns, name)["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 3)
+
+        kubectl(controlplane, "patch", "ftj", name, "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":true}}')
+        until_status(controlplane, ns, name, "Suspended", lambda s: s.get("phase") == "Suspended" and s.get("reason") == "Suspended", 60)
+        assert rayjob_of(controlplane, ns, name)["spec"]["suspend"] is True
+        wait_for("KubeRay to delete the cluster", lambda: not owned(controlplane, ns, "rayclusters", rj["metadata"]["uid"]) or all(
+            "deletionTimestamp" in c["metadata"] for c in owned(controlplane, ns, "rayclusters", rj["metadata"]["uid"])), 60)
+
+        kubectl(controlplane, "patch", "ftj", name, "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":false}}')
+        resumed = wait_for("a new RayCluster", lambda: [c for c in owned(controlplane, ns, "rayclusters", rj["metadata"]["uid"])
+                                                      if c["metadata"]["name"] != first["metadata"]["name"] and "deletionTimestamp" not in c["metadata"]], 60)[0]
+        until_status(controlplane, ns, name, "Initializing", lambda s: s.get("phase") == "Initializing")
+        assert resumed["spec"]["workerGroupSpecs"][0]["replicas"] == 3
+
+        drive(controlplane, ns, name, jobDeploymentStatus="Retrying", jobStatus="FAILED", failed=1)
+        wait_for("attempt 2's RayCluster", lambda: [c for c in owned(controlplane, ns, "rayclusters", rj["metadata"]["uid"])
+                                                   if c["metadata"]["name"] not in (first["metadata"]["name"], resumed["metadata"]["name"])
+                                                   and "deletionTimestamp" not in c["metadata"]], 60)
+        until_status(controlplane, ns, name, "attempt 2", lambda s: s.get("attempts") == 2)
+        # Every attempt runs the same entrypoint: the same run name, so it resumes the same checkpoints.
+        run_name = f"{name}-{job['metadata']['uid'][:8]}"
+        assert rayjob_of(controlplane, ns, name)["spec"]["entrypoint"].split("--job")[0] == entrypoint.split("--job")[0]
+        from finetune_api.spec import decode_job
+
+        assert decode_job(rayjob_of(controlplane, ns, name)["spec"]["entrypoint"].split()[-1]).run_name == run_name
+        wait_for("a Retrying Event", lambda: ("Normal", "Retrying") in events_of(controlplane, ns, name), 15)
+    finally:
+        kubectl(controlplane, "delete", "ftj", name, "-n", ns, "--wait=false", check=False)
+    # Deleting the FineTuneJob deletes its RayJob (owner reference; KubeRay's finalizer may hold it a moment).
+    wait_for("the RayJob to go", lambda: kubectl(controlplane, "get", "rayjob", name, "-n", ns, check=False).returncode != 0, 60)
+
+
+def test_an_operator_killed_while_creating_50_jobs_leaves_exactly_one_rayjob_each(controlplane, namespace, tmp_path):
+    docs = [job_doc(f"burst-{i:02d}", tmp_path, TINY_BERT) for i in range(50)]
+    args = ("--namespace", namespace, "--no-leader-election")
+    first = Operator(controlplane, tmp_path / "first.log", *args)
+    count = f"/apis/ray.io/v1/namespaces/{namespace}/rayjobs"
+    applying = subprocess.Popen([KUBECTL, f"--kubeconfig={controlplane.kubeconfig}", "apply", "-n", namespace, "-f", "-"],
+                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    applying.stdin.write(yaml.safe_dump_all(docs))
+    applying.stdin.close()
+    wait_for("the first RayJob", lambda: controlplane.api("GET", count)["items"], 60, every=0.01)
+    first.stop(signal.SIGKILL)  # mid-burst: jobs still arriving, some RayJobs made, some not
+    assert applying.wait(timeout=60) == 0
+    created = len(controlplane.api("GET", count)["items"])
+    second = Operator(controlplane, tmp_path / "second.log", *args)
+    try:
+        wait_for("50 RayJobs", lambda: len(get(controlplane, namespace, "rayjobs")["items"]) >= 50, 120)
+        time.sleep(2)  # a duplicate, were one made, would show up now
+        rayjobs = get(controlplane, namespace, "rayjobs")["items"]
+        jobs = {j["metadata"]["name"]: j["metadata"]["uid"] for j in get(controlplane, namespace, "ftj")["items"]}
+        assert len(rayjobs) == 50 and created < 50, f"{created} created before the kill"
+        assert {r["metadata"]["name"]: r["metadata"]["ownerReferences"][0]["uid"] for r in rayjobs} == jobs
+    finally:
+        assert second.stop() == 0
+
+
+def test_only_the_lease_holder_acts_and_a_successor_takes_over(controlplane, namespace, tmp_path):
+    args = ("--namespace", namespace)
+    lease = f"lease-{namespace}"
+    leader = Operator(controlplane, tmp_path / "leader.log", *args, lease=lease)
+    wait_for("the Lease", lambda: kubectl(controlplane, "get", "lease", lease, "-n", "default", check=False).returncode == 0)
+    follower = Operator(controlplane, tmp_path / "follower.log", *args, lease=lease)
+    try:
+        apply(controlplane, namespace, job_doc("led", tmp_path, TINY_BERT))
+        rayjob_of(controlplane, namespace, "led")
+        holder = get(controlplane, "default", "lease", lease)["spec"]["holderIdentity"]
+        assert holder.endswith(str(leader.proc.pid))
+        assert follower.metric("finetune_reconcile_duration_seconds_count", trigger="finetunejob") is None  # it never acted
+        assert leader.metric("finetune_reconcile_duration_seconds_count", trigger="finetunejob") >= 1
+
+        assert leader.stop() == 0  # a clean stop hands the Lease over at once
+        apply(controlplane, namespace, job_doc("succeeded-leader", tmp_path, TINY_BERT))
+        rayjob_of(controlplane, namespace, "succeeded-leader", timeout=30)
+        assert get(controlplane, "default", "lease", lease)["spec"]["holderIdentity"].endswith(str(follower.proc.pid))
+    finally:
+        leader.stop()
+        assert follower.stop() == 0
