@@ -200,6 +200,12 @@ def test_status_follows_the_rayjob_and_progress_json(controlplane, namespace, op
     wait_for("the Succeeded Event", lambda: ("Normal", "Succeeded") in events_of(controlplane, namespace, "follow"), 15)
     assert [r for _, r in events_of(controlplane, namespace, "follow")] == ["Initializing", "Training", "Succeeded"]
 
+    # A finished job's RayJob deleted by hand is not made again (that would train it again).
+    kubectl(controlplane, "delete", "rayjob", "follow", "-n", namespace)
+    time.sleep(2)  # four polls
+    assert kubectl(controlplane, "get", "rayjob", "follow", "-n", namespace, check=False).returncode != 0
+    assert status_of(controlplane, namespace, "follow")["phase"] == "Succeeded"
+
     # Structured logs: every line the operator wrote is a JSON object.
     lines = [line for line in operator.log.read_text().splitlines() if line.strip()]
     assert lines and all(isinstance(json.loads(line), dict) for line in lines)

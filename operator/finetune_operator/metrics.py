@@ -48,19 +48,22 @@ class Metrics:
     def collect(self):
         """Called by prometheus_client at each scrape."""
         r = self.reconciler
+        jobs = []  # (namespace, name, phase, progress.json)
+        for (ns, name), body in list(r.jobs.items()):
+            uid = body["metadata"]["uid"]
+            status = r.written.get(uid) or body.get("status") or {}
+            read = r.reads.get(uid)
+            jobs.append((ns, name, status.get("phase"), (read.progress if read else None) or {}))
         phases = GaugeMetricFamily("finetune_jobs", "FineTuneJobs by phase", labels=["phase"])
-        statuses = {key: r.written.get(body["metadata"]["uid"]) or body.get("status") or {} for key, body in list(r.jobs.items())}
         for phase in PHASES:
-            phases.add_metric([phase], sum(s.get("phase") == phase for s in statuses.values()))
+            phases.add_metric([phase], sum(job[2] == phase for job in jobs))
         yield phases
-        for name, text, field in JOB_GAUGES:
-            gauge = GaugeMetricFamily(name, text, labels=["namespace", "name"])
-            for key, status in statuses.items():
-                read = r.reads.get(r.jobs.get(key, {}).get("metadata", {}).get("uid"))
-                progress = (read.progress if read else None) or {}
+        for metric, text, field in JOB_GAUGES:
+            gauge = GaugeMetricFamily(metric, text, labels=["namespace", "name"])
+            for ns, name, phase, progress in jobs:
                 value = progress.get(field, progress.get("metrics", {}).get(field))
-                if status.get("phase") == "Running" and isinstance(value, int | float):
-                    gauge.add_metric(list(key), value)
+                if phase == "Running" and isinstance(value, int | float):
+                    gauge.add_metric([ns, name], value)
             yield gauge
 
     def serve(self, address: str, healthy) -> ThreadingHTTPServer:

@@ -101,6 +101,8 @@ class Reconciler:
                 self._write(body, previous, invalid_status(body["metadata"].get("generation"), message, previous, time.time()))
                 return
             rayjob, last = self.rayjobs.get(key), self.reads.get(uid, Read())
+            if rayjob is None and (previous or {}).get("phase") in FINAL and previous.get("rayJobName"):
+                return  # its RayJob was deleted after the end: a new one would train the job again
             if rayjob is None:
                 _, problem = self._credentials(job)  # pods without their Secret would never start: wait for it
                 if problem is None:
