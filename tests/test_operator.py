@@ -185,7 +185,7 @@ def test_status_follows_the_rayjob_and_progress_json(controlplane, namespace, op
     assert set(conditions["Running"]) == {"type", "status", "reason", "message", "lastTransitionTime", "observedGeneration"}
     assert operator.metric("finetune_job_step", namespace=namespace, name="follow") == 40
     assert operator.metric("finetune_job_train_loss", namespace=namespace, name="follow") == 1.6
-    assert operator.metric("finetune_jobs", phase="Running") >= 1
+    assert operator.metric("finetune_jobs", kind="FineTuneJob", phase="Running") >= 1
 
     # Polls that find nothing new write nothing: the object's resourceVersion stays.
     version = get(controlplane, namespace, "ftj", "follow")["metadata"]["resourceVersion"]

@@ -407,12 +407,12 @@ class ControlPlane:
     # CRDs
 
     def crd_documents(self) -> list[dict]:
-        """The FineTuneJob CRD (from the models, as the chart has it) and KubeRay's: RayJob and
+        """Our CRDs (from the models, as the chart has them) and KubeRay's: RayJob and
         RayCluster from shared/kuberay-crds, the operator's other kinds (it watches them
         all) from the same release as the operator binary."""
-        from finetune_api.crd import crd
+        from finetune_api.crd import KINDS, crd
 
-        docs = [crd()]
+        docs = [crd(kind) for kind in KINDS]
         kuberay = {}
         for folder in (self.bin_dir.parent / "kuberay-crds", SHARED_KUBERAY_CRDS):  # shared wins
             for path in sorted(folder.glob("ray.io_*.yaml")) if folder.is_dir() else ():

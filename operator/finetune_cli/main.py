@@ -10,7 +10,7 @@ from pathlib import Path
 
 from finetune_api.spec import FineTuneJob, SpecError, load_manifests
 
-CHART_CRD = Path("charts/finetune-operator/templates/crd/finetunejobs.yaml")
+CHART_CRDS = Path("charts/finetune-operator/templates/crd")
 
 
 def cmd_validate(args) -> int:
@@ -163,12 +163,14 @@ def _train(job, paths, args, resumes: int) -> int:
 
 
 def cmd_crd(args) -> int:
-    from finetune_api.crd import render_crd_template
+    from finetune_api.crd import KINDS, render_crd_template
 
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_crd_template())
-    print(f"wrote {out}")
+    folder = Path(args.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    for kind in KINDS:
+        out = folder / f"{kind.plural}.yaml"
+        out.write_text(render_crd_template(kind))
+        print(f"wrote {out}")
     return 0
 
 
@@ -230,8 +232,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--verbose", action="store_true", help="show Ray worker logs")
     r.set_defaults(func=cmd_run)
 
-    c = sub.add_parser("crd", help="write the FineTuneJob CRD into the Helm chart")
-    c.add_argument("--output", default=str(CHART_CRD), metavar="PATH")
+    c = sub.add_parser("crd", help="write the FineTuneJob and FineTuneSweep CRDs into the Helm chart")
+    c.add_argument("--output-dir", default=str(CHART_CRDS), metavar="DIR")
     c.set_defaults(func=cmd_crd)
 
     k = sub.add_parser("cluster", help="a local Kubernetes control plane (etcd, kube-apiserver, KubeRay) in the background")

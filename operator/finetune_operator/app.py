@@ -1,4 +1,4 @@
-"""`finetune operator`: kopf watches FineTuneJobs and the RayJobs we manage and routes every
+"""`finetune operator`: kopf watches FineTuneJobs, FineTuneSweeps and the RayJobs we manage and routes every
 event to the Reconciler; a poll loop refreshes progress.json and retries what waits; a Lease
 makes one replica act; /metrics and /healthz are served beside it."""
 
@@ -15,15 +15,13 @@ from dataclasses import dataclass, field
 import kopf
 from kubernetes import client, config
 
-from finetune_api.crd import PLURAL
 from finetune_api.spec import GROUP, VERSION
 from finetune_operator.builders import DEFAULT_IMAGE, MANAGED_BY
 from finetune_operator.leader import LeaderElector
 from finetune_operator.metrics import Metrics
-from finetune_operator.reconcile import RAY_GROUP, RAY_VERSION, RAYJOBS, Reconciler
+from finetune_operator.reconcile import KINDS, RAY_GROUP, RAY_VERSION, RAYJOBS, Reconciler
 
 log = logging.getLogger("finetune.operator")
-JOB_LABEL = "finetune.dev/job"
 
 
 @dataclass
@@ -56,15 +54,20 @@ def registry(reconciler: Reconciler, metrics: Metrics) -> kopf.OperatorRegistry:
         settings.posting.enabled = False  # our Events come from the reconciler, one per transition
         settings.execution.max_workers = 16
 
-    @kopf.on.event(GROUP, VERSION, PLURAL, registry=reg)
-    def finetunejob(type, body, **_):
-        with metrics.timed("finetunejob"):
-            reconciler.job_event(type or "ADDED", _plain(body))
+    def route(trigger: str):
+        def owner(type, body, **_):
+            with metrics.timed(trigger):
+                reconciler.job_event(type or "ADDED", _plain(body))
 
-    @kopf.on.event(RAY_GROUP, RAY_VERSION, RAYJOBS, labels={**MANAGED_BY, JOB_LABEL: kopf.PRESENT}, registry=reg)
-    def rayjob(type, body, labels, **_):
+        return owner
+
+    for kind in KINDS.values():
+        kopf.on.event(GROUP, VERSION, kind.plural, id=kind.plural, registry=reg)(route(kind.name.lower()))
+
+    @kopf.on.event(RAY_GROUP, RAY_VERSION, RAYJOBS, labels=MANAGED_BY, registry=reg)
+    def rayjob(type, body, **_):
         with metrics.timed("rayjob"):
-            reconciler.rayjob_event(type or "ADDED", _plain(body), labels[JOB_LABEL])
+            reconciler.rayjob_event(type or "ADDED", _plain(body))
 
     return reg
 

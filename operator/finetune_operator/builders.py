@@ -1,11 +1,12 @@
-"""Pure builders: FineTuneJob → KubeRay RayJob manifest. No Kubernetes client, no kopf:
-what the operator applies is decided here and table-tested without a cluster."""
+"""Pure builders: FineTuneJob or FineTuneSweep → KubeRay RayJob manifest. No Kubernetes
+client, no kopf: what the operator applies is decided here and table-tested without a cluster."""
 
 from __future__ import annotations
 
 import shlex
 
-from finetune_api.spec import API_VERSION, KIND, FineTuneJob, encode_job
+from finetune_api.spec import API_VERSION, KIND, FineTuneJob, FineTuneJobSpec, StorageSpec, encode_job
+from finetune_api.sweep import SWEEP_KIND, FineTuneSweep, encode_sweep
 
 DEFAULT_IMAGE = "ghcr.io/finetune-operator/trainer:0.1.0"
 RAY_VERSION = "2.60.0"
@@ -19,14 +20,14 @@ RESTRICTED = {
 }
 
 
-def entrypoint(job: FineTuneJob) -> str:
-    return shlex.join(["python", "-m", "finetune_train", "--job", encode_job(job)])
+def entrypoint(flag: str, encoded: str) -> str:
+    return shlex.join(["python", "-m", "finetune_train", flag, encoded])
 
 
-def s3_credentials_env(job: FineTuneJob) -> list[dict]:
+def s3_credentials_env(storage: StorageSpec) -> list[dict]:
     """The Secret's keys as the standard AWS variables: the training program reads
     credentials from the environment only, so they never pass through the spec."""
-    secret = job.spec.storage.credentials_secret
+    secret = storage.credentials_secret
     if secret is None:
         return []
     keys = [("AWS_ACCESS_KEY_ID", secret.access_key_id_key), ("AWS_SECRET_ACCESS_KEY", secret.secret_access_key_key)]
@@ -56,35 +57,50 @@ def _pod_spec(container: dict, scheduling) -> dict:
 
 
 def build_rayjob(job: FineTuneJob, image: str = DEFAULT_IMAGE) -> dict:
-    s = job.spec
+    return _rayjob(KIND, job, job.name, job.spec, entrypoint("--job", encode_job(job)), job.spec.resources.nodes, image)
+
+
+def sweep_rayjob_name(name: str) -> str:
+    return f"{name}-sweep"  # a job and a sweep may share a name; their RayJobs may not
+
+
+def build_sweep_rayjob(sweep: FineTuneSweep, image: str = DEFAULT_IMAGE) -> dict:
+    """One Ray cluster for the whole sweep, sized for maxConcurrentTrials trials of
+    template.resources.nodes workers each."""
+    t = sweep.spec.template
+    workers = sweep.spec.max_concurrent_trials * t.resources.nodes
+    return _rayjob(SWEEP_KIND, sweep, sweep_rayjob_name(sweep.name), t, entrypoint("--sweep", encode_sweep(sweep)), workers, image)
+
+
+def _rayjob(kind: str, owner: FineTuneJob | FineTuneSweep, name: str, s: FineTuneJobSpec, command: str, nodes: int, image: str) -> dict:
     r, image = s.resources, s.image or image
     worker = {"cpu": format(r.cpus_per_worker * max(r.gpus_per_node, 1), "g")}  # a quantity: 48, 0.5
     if r.memory_per_worker:
         worker["memory"] = r.memory_per_worker
     worker_limits = {**worker, **({"nvidia.com/gpu": str(r.gpus_per_node)} if r.gpus_per_node else {})}
     head = {"cpu": "1", "memory": "4Gi"}
-    labels = {**MANAGED_BY, "finetune.dev/job": job.name}
-    env = s3_credentials_env(job)
+    labels = {**MANAGED_BY, f"finetune.dev/{kind.removeprefix('FineTune').lower()}": owner.name}
+    env = s3_credentials_env(s.storage)
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
         "metadata": {
-            "name": job.name,
-            "namespace": job.metadata.namespace,
+            "name": name,
+            "namespace": owner.metadata.namespace,
             "labels": labels,
             "ownerReferences": [
                 {
                     "apiVersion": API_VERSION,
-                    "kind": KIND,
-                    "name": job.name,
-                    "uid": job.metadata.uid,
+                    "kind": kind,
+                    "name": owner.name,
+                    "uid": owner.metadata.uid,
                     "controller": True,
                     "blockOwnerDeletion": True,
                 }
             ],
         },
         "spec": {
-            "entrypoint": entrypoint(job),
+            "entrypoint": command,
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": s.ttl_seconds_after_finished,
             # Each retry is a new Ray cluster running the same run, so it resumes from the latest checkpoint.
@@ -101,9 +117,9 @@ def build_rayjob(job: FineTuneJob, image: str = DEFAULT_IMAGE) -> dict:
                 "workerGroupSpecs": [
                     {
                         "groupName": "workers",
-                        "replicas": r.nodes,
-                        "minReplicas": r.nodes,
-                        "maxReplicas": r.nodes,
+                        "replicas": nodes,
+                        "minReplicas": nodes,
+                        "maxReplicas": nodes,
                         "rayStartParams": {},
                         "template": {
                             "metadata": {"labels": labels},

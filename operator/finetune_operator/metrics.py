@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from finetune_operator.reconcile import Reconciler
+from finetune_operator.reconcile import JOB, KINDS, Reconciler
 from finetune_operator.status import PHASES
 
 # Per running job, from its progress.json: metric name, help, progress.json key.
@@ -48,21 +48,22 @@ class Metrics:
     def collect(self):
         """Called by prometheus_client at each scrape."""
         r = self.reconciler
-        jobs = []  # (namespace, name, phase, progress.json)
-        for (ns, name), body in list(r.jobs.items()):
+        jobs = []  # (kind, namespace, name, phase, progress.json)
+        for (kind, ns, name), body in list(r.jobs.items()):
             uid = body["metadata"]["uid"]
             status = r.written.get(uid) or body.get("status") or {}
             read = r.reads.get(uid)
-            jobs.append((ns, name, status.get("phase"), (read.progress if read else None) or {}))
-        phases = GaugeMetricFamily("finetune_jobs", "FineTuneJobs by phase", labels=["phase"])
-        for phase in PHASES:
-            phases.add_metric([phase], sum(job[2] == phase for job in jobs))
+            jobs.append((kind, ns, name, status.get("phase"), (read.progress if read else None) or {}))
+        phases = GaugeMetricFamily("finetune_jobs", "FineTuneJobs and FineTuneSweeps by phase", labels=["kind", "phase"])
+        for kind in KINDS:
+            for phase in PHASES:
+                phases.add_metric([kind, phase], sum(j[0] == kind and j[3] == phase for j in jobs))
         yield phases
         for metric, text, field in JOB_GAUGES:
             gauge = GaugeMetricFamily(metric, text, labels=["namespace", "name"])
-            for ns, name, phase, progress in jobs:
+            for kind, ns, name, phase, progress in jobs:
                 value = progress.get(field, progress.get("metrics", {}).get(field))
-                if phase == "Running" and isinstance(value, int | float):
+                if kind == JOB.name and phase == "Running" and isinstance(value, int | float):
                     gauge.add_metric([ns, name], value)
             yield gauge
 

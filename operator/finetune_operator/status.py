@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from typing import NamedTuple
 
 from finetune_api.spec import FineTuneJob
+from finetune_api.sweep import FineTuneSweep
 
 PHASES = ("Pending", "Initializing", "Running", "Succeeded", "Failed", "Suspended")
 CONDITION_TYPES = ("Ready", "Running", "Suspended", "Succeeded", "Failed")
@@ -31,11 +32,11 @@ def _camel(key: str) -> str:
     return re.sub(r"_([a-z])", lambda m: m.group(1).upper(), key)
 
 
-def phase_of(job: FineTuneJob, rayjob: dict | None, progress: dict, problem: Problem | None) -> tuple[str, str, str]:
+def phase_of(suspend: bool, rayjob: dict | None, progress: dict, problem: Problem | None) -> tuple[str, str, str]:
     """(phase, reason, message) from what KubeRay reports and what the run wrote."""
     st = (rayjob or {}).get("status", {})
     deployment, job_status = st.get("jobDeploymentStatus", ""), st.get("jobStatus", "")
-    if deployment in ("Suspending", "Suspended") or (job.spec.suspend and rayjob is None):
+    if deployment in ("Suspending", "Suspended") or (suspend and rayjob is None):
         return "Suspended", deployment or "Suspended", "the Ray cluster is stopped; suspend: false resumes from the latest checkpoint"
     if deployment == "Complete" and job_status == "SUCCEEDED":
         return "Succeeded", "Succeeded", f"model exported to {progress.get('model_uri', 'storage')}"
@@ -47,6 +48,8 @@ def phase_of(job: FineTuneJob, rayjob: dict | None, progress: dict, problem: Pro
     if rayjob is None:
         return "Pending", "Creating", "creating the RayJob"
     if deployment == "Running":
+        if progress.get("kind") == "sweep":
+            return "Running", "Searching", f"{_done(progress)} of {progress['max_trials']} trials done"
         return "Running", "Training", f"step {progress['step']} of {progress['total_steps']}" if progress.get("step") else "starting"
     if deployment == "Retrying":
         return "Initializing", "Retrying", f"attempt {st.get('failed', 0) + 1} starts a new Ray cluster and resumes from the latest checkpoint"
@@ -79,11 +82,10 @@ def conditions(phase: str, reason: str, message: str, problem: Problem | None, g
     return out
 
 
-def build_status(job: FineTuneJob, rayjob: dict | None, progress: dict | None, previous: dict | None,
-                 now: float, problem: Problem | None = None) -> dict:
-    progress, previous = progress or {}, previous or {}
-    phase, reason, message = phase_of(job, rayjob, progress, problem)
-    generation = job.metadata.generation
+def _common(suspend: bool, generation: int | None, rayjob: dict | None, progress: dict, previous: dict,
+            now: float, problem: Problem | None) -> dict:
+    """What every kind's status has: phase, reason, message, conditions, attempts, rayJobName."""
+    phase, reason, message = phase_of(suspend, rayjob, progress, problem)
     status = {
         "phase": phase,
         "reason": reason,
@@ -94,6 +96,16 @@ def build_status(job: FineTuneJob, rayjob: dict | None, progress: dict | None, p
     }
     if rayjob is not None:
         status["rayJobName"] = rayjob["metadata"]["name"]
+    if phase == "Succeeded" and progress.get("model_uri"):
+        status["modelURI"] = progress["model_uri"]
+    return status
+
+
+def build_status(job: FineTuneJob, rayjob: dict | None, progress: dict | None, previous: dict | None,
+                 now: float, problem: Problem | None = None) -> dict:
+    progress, previous = progress or {}, previous or {}
+    status = _common(job.spec.suspend, job.metadata.generation, rayjob, progress, previous, now, problem)
+    phase = status["phase"]
     if progress.get("total_steps"):
         step, total = progress["step"], progress["total_steps"]
         status["progress"] = {"step": step, "totalSteps": total, "percent": int(100 * step / total)}
@@ -109,8 +121,6 @@ def build_status(job: FineTuneJob, rayjob: dict | None, progress: dict | None, p
             {"step": c["step"], "uri": c["uri"], **({"evalLoss": c["eval_loss"]} if c.get("eval_loss") is not None else {})}
             for c in reversed(progress.get("checkpoints", [])[-CHECKPOINTS_SHOWN:])
         ]
-    if phase == "Succeeded" and progress.get("model_uri"):
-        status["modelURI"] = progress["model_uri"]
     return status
 
 
@@ -120,3 +130,32 @@ def invalid_status(generation: int | None, message: str, previous: dict | None, 
     problem = Problem("InvalidSpec", message)
     conds = conditions("Failed", problem.reason, message, problem, generation, (previous or {}).get("conditions", []), _rfc3339(now))
     return {"phase": "Failed", "reason": problem.reason, "message": message, "observedGeneration": generation, "conditions": conds}
+
+
+TRIAL_DONE = ("Succeeded", "EarlyStopped", "Failed")
+
+
+def _done(progress: dict) -> int:
+    return sum(t["state"] in TRIAL_DONE for t in progress.get("trials", []))
+
+
+def build_sweep_status(sweep: FineTuneSweep, rayjob: dict | None, progress: dict | None, previous: dict | None,
+                       now: float, problem: Problem | None = None) -> dict:
+    """A FineTuneSweep's status: the common part plus one entry per trial (name, params,
+    state, metric, step), the best trial so far and trials done of maxTrials."""
+    progress, previous = progress or {}, previous or {}
+    status = _common(sweep.spec.template.suspend, sweep.metadata.generation, rayjob, progress, previous, now, problem)
+    total = sweep.spec.max_trials
+    done = _done(progress)
+    status["trialsDone"] = f"{done}/{total}"
+    status["progress"] = {"percent": int(100 * done / total)}
+    if progress.get("trials"):
+        status["trials"] = [
+            {"name": t["name"], "params": t["params"], "state": t["state"],
+             **({"metric": t["metric"]} if t.get("metric") is not None else {}),
+             **({"step": t["step"], "totalSteps": t["total_steps"]} if t.get("total_steps") else {})}
+            for t in progress["trials"]
+        ]
+    if progress.get("best_trial"):
+        status["bestTrial"] = progress["best_trial"]
+    return status
