@@ -140,7 +140,7 @@ def operator_objects(*extra) -> set:
     }
 
 
-CRD = ("CustomResourceDefinition", None, "finetunejobs.finetune.dev")
+CRDS = {("CustomResourceDefinition", None, f"{plural}.finetune.dev") for plural in ("finetunejobs", "finetunesweeps")}
 CLUSTER_RBAC = {("ClusterRole", None, FULLNAME), ("ClusterRoleBinding", None, FULLNAME)}
 MINIO = {
     ("Secret", NAMESPACE, f"{FULLNAME}-minio"),
@@ -155,20 +155,21 @@ def namespaced_rbac(*namespaces: str) -> set:
 
 
 @pytest.mark.parametrize("mode, expected", [
-    ("default", operator_objects(CRD, *CLUSTER_RBAC)),
-    ("namespaced", operator_objects(CRD, *namespaced_rbac("team-a", "team-b"))),
+    ("default", operator_objects(*CRDS, *CLUSTER_RBAC)),
+    ("namespaced", operator_objects(*CRDS, *namespaced_rbac("team-a", "team-b"))),
     ("no-crds", operator_objects(*CLUSTER_RBAC)),
-    ("minio", operator_objects(CRD, *CLUSTER_RBAC, *MINIO)),
-    ("everything", operator_objects(CRD, *namespaced_rbac("team-a"), *MINIO,
+    ("minio", operator_objects(*CRDS, *CLUSTER_RBAC, *MINIO)),
+    ("everything", operator_objects(*CRDS, *namespaced_rbac("team-a"), *MINIO,
                                     ("ServiceMonitor", NAMESPACE, FULLNAME), ("NetworkPolicy", NAMESPACE, FULLNAME))),
 ])
 def test_each_mode_renders_exactly_its_objects(mode, expected):
     assert keys(objects(mode)) == expected
 
 
-def test_crd_is_kept_on_uninstall_unless_told_otherwise():
-    assert one(objects("default"), "CustomResourceDefinition")["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
-    assert "annotations" not in one(render("--set", "crds.keep=false"), "CustomResourceDefinition")["metadata"]
+def test_crds_are_kept_on_uninstall_unless_told_otherwise():
+    kept = [d for d in objects("default") if d["kind"] == "CustomResourceDefinition"]
+    assert len(kept) == 2 and all(d["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"} for d in kept)
+    assert all("annotations" not in d["metadata"] for d in render("--set", "crds.keep=false") if d["kind"] == "CustomResourceDefinition")
 
 
 # ---- RBAC
@@ -176,6 +177,8 @@ def test_crd_is_kept_on_uninstall_unless_told_otherwise():
 WATCH_RULES = {  # (apiGroup, resource) -> verbs, in every watched namespace (or cluster-wide)
     ("finetune.dev", "finetunejobs"): {"get", "list", "watch", "patch"},
     ("finetune.dev", "finetunejobs/status"): {"get", "patch", "update"},
+    ("finetune.dev", "finetunesweeps"): {"get", "list", "watch", "patch"},
+    ("finetune.dev", "finetunesweeps/status"): {"get", "patch", "update"},
     ("ray.io", "rayjobs"): {"get", "list", "watch", "create", "patch"},
     ("", "secrets"): {"get"},
     ("", "events"): {"create", "patch"},

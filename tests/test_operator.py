@@ -82,19 +82,19 @@ def drive(plane, namespace: str, name: str, **status) -> None:
     kubectl(plane, "patch", "rayjob", name, "-n", namespace, "--subresource=status", "--type=merge", "-p", json.dumps({"status": status}))
 
 
-def status_of(plane, namespace: str, name: str) -> dict:
-    return get(plane, namespace, "ftj", name).get("status", {})
+def status_of(plane, namespace: str, name: str, kind: str = "ftj") -> dict:
+    return get(plane, namespace, kind, name).get("status", {})
 
 
-def until_status(plane, namespace: str, name: str, what: str, check, timeout: float = 30) -> dict:
+def until_status(plane, namespace: str, name: str, what: str, check, timeout: float = 30, kind: str = "ftj") -> dict:
     def ok():
-        status = status_of(plane, namespace, name)
+        status = status_of(plane, namespace, name, kind)
         return status if check(status) else None
 
     try:
         return wait_for(what, ok, timeout)
     except AssertionError:
-        raise AssertionError(f"{what}; status is {json.dumps(status_of(plane, namespace, name), indent=1)}") from None
+        raise AssertionError(f"{what}; status is {json.dumps(status_of(plane, namespace, name, kind), indent=1)}") from None
 
 
 def events_of(plane, namespace: str, name: str) -> list[tuple[str, str]]:

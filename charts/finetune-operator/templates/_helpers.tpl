@@ -102,10 +102,10 @@ cluster-wide mode, a Role per watched namespace otherwise. Secrets: get only, by
 */}}
 {{- define "finetune-operator.watchRules" -}}
 - apiGroups: ["finetune.dev"]
-  resources: ["finetunejobs"]
+  resources: ["finetunejobs", "finetunesweeps"]
   verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["finetune.dev"]
-  resources: ["finetunejobs/status"]
+  resources: ["finetunejobs/status", "finetunesweeps/status"]
   verbs: ["get", "patch", "update"]
 - apiGroups: ["ray.io"]
   resources: ["rayjobs"]
