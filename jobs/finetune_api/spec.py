@@ -536,12 +536,13 @@ class ObjectMeta(BaseModel):
     generation: int | None = None
 
 
-class FineTuneJob(BaseModel):
+class Resource(BaseModel):
+    """What FineTuneJob and FineTuneSweep share: identity, and the form they travel in to the
+    training program."""
+
     model_config = ConfigDict(populate_by_name=True, extra="allow")
     api_version: Literal["finetune.dev/v1alpha1"] = Field(alias="apiVersion")
-    kind: Literal["FineTuneJob"]
     metadata: ObjectMeta
-    spec: FineTuneJobSpec
 
     @property
     def name(self) -> str:
@@ -549,25 +550,30 @@ class FineTuneJob(BaseModel):
 
     @property
     def run_name(self) -> str:
-        """The Ray Train run every attempt of this job continues: its storage folder. On
-        Kubernetes the UID is part of it, so a deleted and re-created job starts afresh while
-        suspends, retries and new Ray clusters of the same object resume."""
+        """The Ray Train run every attempt continues: its storage folder. On Kubernetes the UID
+        is part of it, so a deleted and re-created object starts afresh while suspends,
+        retries and new Ray clusters of the same object resume."""
         uid = self.metadata.uid
         return f"{self.name}-{uid[:8]}" if uid else self.name
+
+    def encode(self) -> str:
+        """Base64 of compact JSON. Of the metadata only the identity travels: the rest
+        (resourceVersion, managedFields, ...) changes with every write and would make the
+        RayJob differ from itself."""
+        metadata = self.metadata.model_dump(include={"name", "namespace", "uid"}, exclude_none=True)
+        spec = self.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+        doc = {"apiVersion": API_VERSION, "kind": self.kind, "metadata": metadata, "spec": spec}
+        return base64.b64encode(json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()).decode()
+
+
+class FineTuneJob(Resource):
+    kind: Literal["FineTuneJob"]
+    spec: FineTuneJobSpec
 
 
 def dump_spec(spec: FineTuneJobSpec) -> dict[str, Any]:
     """The wire form of a spec: camelCase, defaults filled, unset optionals omitted."""
     return spec.model_dump(mode="json", by_alias=True, exclude_none=True)
-
-
-def encode_job(job: FineTuneJob) -> str:
-    """The form a job travels in to the training program: base64 of compact JSON. Of the
-    metadata only the identity travels: the rest (resourceVersion, managedFields, ...) changes
-    with every write and would make the RayJob differ from itself."""
-    metadata = job.metadata.model_dump(include={"name", "namespace", "uid"}, exclude_none=True)
-    doc = {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": dump_spec(job.spec)}
-    return base64.b64encode(json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()).decode()
 
 
 def decode_job(text: str) -> FineTuneJob:

@@ -9,10 +9,10 @@ import json
 import math
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from finetune_api.spec import (
-    API_VERSION, FieldError, FineTuneJobSpec, ObjectMeta, Rule, Spec, SpecError, _error_lines, _spec_types, dump_spec,
+    API_VERSION, FieldError, FineTuneJobSpec, Resource, Rule, Spec, SpecError, _error_lines, _spec_types, dump_spec,
     eval_metrics,
 )
 
@@ -169,21 +169,9 @@ class FineTuneSweepSpec(Spec):
         return FineTuneJobSpec.model_validate(doc)
 
 
-class FineTuneSweep(BaseModel):
-    model_config = ConfigDict(populate_by_name=True, extra="allow")
-    api_version: Literal["finetune.dev/v1alpha1"] = Field(alias="apiVersion")
+class FineTuneSweep(Resource):
     kind: Literal["FineTuneSweep"]
-    metadata: ObjectMeta
     spec: FineTuneSweepSpec
-
-    @property
-    def name(self) -> str:
-        return self.metadata.name
-
-    @property
-    def run_name(self) -> str:
-        uid = self.metadata.uid
-        return f"{self.name}-{uid[:8]}" if uid else self.name
 
 
 def parse_sweep(doc: Any, source: str = "manifest") -> FineTuneSweep:
@@ -193,13 +181,6 @@ def parse_sweep(doc: Any, source: str = "manifest") -> FineTuneSweep:
         return FineTuneSweep.model_validate(doc)
     except ValidationError as err:
         raise SpecError(source, _error_lines(err, "")) from None
-
-
-def encode_sweep(sweep: FineTuneSweep) -> str:
-    metadata = sweep.metadata.model_dump(include={"name", "namespace", "uid"}, exclude_none=True)
-    spec = sweep.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
-    doc = {"apiVersion": API_VERSION, "kind": SWEEP_KIND, "metadata": metadata, "spec": spec}
-    return base64.b64encode(json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()).decode()
 
 
 def decode_sweep(text: str) -> FineTuneSweep:

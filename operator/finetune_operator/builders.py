@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import shlex
 
-from finetune_api.spec import API_VERSION, KIND, FineTuneJob, FineTuneJobSpec, StorageSpec, encode_job
-from finetune_api.sweep import SWEEP_KIND, FineTuneSweep, encode_sweep
+from finetune_api.spec import API_VERSION, KIND, FineTuneJob, FineTuneJobSpec, StorageSpec
+from finetune_api.sweep import SWEEP_KIND, FineTuneSweep
 
 DEFAULT_IMAGE = "ghcr.io/finetune-operator/trainer:0.1.0"
 RAY_VERSION = "2.60.0"
@@ -57,7 +57,7 @@ def _pod_spec(container: dict, scheduling) -> dict:
 
 
 def build_rayjob(job: FineTuneJob, image: str = DEFAULT_IMAGE) -> dict:
-    return _rayjob(KIND, job, job.name, job.spec, entrypoint("--job", encode_job(job)), job.spec.resources.nodes, image)
+    return _rayjob(KIND, job, job.name, job.spec, entrypoint("--job", job.encode()), job.spec.resources.nodes, image)
 
 
 def sweep_rayjob_name(name: str) -> str:
@@ -69,7 +69,7 @@ def build_sweep_rayjob(sweep: FineTuneSweep, image: str = DEFAULT_IMAGE) -> dict
     template.resources.nodes workers each."""
     t = sweep.spec.template
     workers = sweep.spec.max_concurrent_trials * t.resources.nodes
-    return _rayjob(SWEEP_KIND, sweep, sweep_rayjob_name(sweep.name), t, entrypoint("--sweep", encode_sweep(sweep)), workers, image)
+    return _rayjob(SWEEP_KIND, sweep, sweep_rayjob_name(sweep.name), t, entrypoint("--sweep", sweep.encode()), workers, image)
 
 
 def _rayjob(kind: str, owner: FineTuneJob | FineTuneSweep, name: str, s: FineTuneJobSpec, command: str, nodes: int, image: str) -> dict:
