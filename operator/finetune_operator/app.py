@@ -94,6 +94,8 @@ def _api() -> client.ApiClient:
 def run(opts: Options) -> int:
     """Runs until SIGTERM/SIGINT (exit 0), a lost Lease or kopf failing (exit 1)."""
     kopf.configure(log_format=kopf.LogFormat.JSON if opts.log_format == "json" else kopf.LogFormat.FULL)
+    # kopf logs every handled watch event at INFO ("Handler ... succeeded"); ours log what changed.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     api = _api()
     reconciler = Reconciler(api, image=opts.image)
     metrics = Metrics(reconciler)
