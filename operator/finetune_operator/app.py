@@ -53,6 +53,9 @@ def registry(reconciler: Reconciler, metrics: Metrics) -> kopf.OperatorRegistry:
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
         settings.posting.enabled = False  # our Events come from the reconciler, one per transition
         settings.execution.max_workers = 16
+        # The chart grants no list/watch on namespaces or CRDs: watch exactly the named namespaces
+        # and the resources discovery found at start (else kopf retries 403s for about a minute).
+        settings.scanning.disabled = True
 
     def route(trigger: str):
         def owner(type, body, **_):
