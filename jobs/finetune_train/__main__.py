@@ -1,7 +1,8 @@
-"""RayJob entrypoint: `python -m finetune_train --job <base64 JSON FineTuneJob>`.
+"""RayJob entrypoint: `python -m finetune_train --job <base64 JSON FineTuneJob>`, or
+`--sweep <base64 JSON FineTuneSweep>` for a sweep (Ray Tune trials of its template).
 
-The operator passes the validated FineTuneJob inline (base64, so no shell quoting can bend
-it); this parses it back with the same models and trains on the Ray cluster it runs in.
+The operator passes the validated object inline (base64, so no shell quoting can bend it);
+this parses it back with the same models and trains on the Ray cluster it runs in.
 """
 
 from __future__ import annotations
@@ -10,21 +11,30 @@ import argparse
 import sys
 
 from finetune_api.spec import FineTuneJob, decode_job
+from finetune_api.sweep import FineTuneSweep, decode_sweep
 
 
-def parse_args(argv: list[str]) -> FineTuneJob:
+def parse_args(argv: list[str]) -> FineTuneJob | FineTuneSweep:
     p = argparse.ArgumentParser(prog="python -m finetune_train")
-    p.add_argument("--job", required=True, help="base64 JSON of the FineTuneJob (written by the operator)")
-    return decode_job(p.parse_args(argv).job)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--job", help="base64 JSON of the FineTuneJob (written by the operator)")
+    what.add_argument("--sweep", help="base64 JSON of the FineTuneSweep (written by the operator)")
+    args = p.parse_args(argv)
+    return decode_job(args.job) if args.job is not None else decode_sweep(args.sweep)
 
 
 def main(argv: list[str] | None = None) -> int:
-    job = parse_args(sys.argv[1:] if argv is None else argv)
+    obj = parse_args(sys.argv[1:] if argv is None else argv)
     from finetune_train import launch
-    from finetune_train.storage import paths_for
 
     launch.init_ray(address="auto")
-    return 0 if launch.run(job, paths_for(job), local=False).state == "Succeeded" else 1
+    if isinstance(obj, FineTuneSweep):
+        from finetune_train.sweep import run_sweep
+
+        return 0 if run_sweep(obj, local=False).state == "Succeeded" else 1
+    from finetune_train.storage import paths_for
+
+    return 0 if launch.run(obj, paths_for(obj), local=False).state == "Succeeded" else 1
 
 
 if __name__ == "__main__":

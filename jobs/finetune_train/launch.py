@@ -120,7 +120,9 @@ def _uri(storage_root: str, fs_path: str) -> str:
     return f"s3://{fs_path}" if is_s3(storage_root) else fs_path
 
 
-def trainer_for(job: FineTuneJob, paths: RunPaths, workers: int | None = None, local: bool = True):
+def trainer_for(job: FineTuneJob, paths: RunPaths, workers: int | None = None, local: bool = True, callbacks: list | None = None):
+    """`callbacks`: Ray Train callbacks to run after the progress.json one (a sweep's trials
+    forward their evaluations to Tune through one)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -141,7 +143,7 @@ def trainer_for(job: FineTuneJob, paths: RunPaths, workers: int | None = None, l
         storage_filesystem=fs,
         checkpoint_config=CheckpointConfig(num_to_keep=c.keep),
         failure_config=FailureConfig(max_failures=c.max_failures),
-        callbacks=[_progress_callback(paths, c.keep, paths.store.read_json(paths.progress) or {})],
+        callbacks=[_progress_callback(paths, c.keep, paths.store.read_json(paths.progress) or {}), *(callbacks or [])],
     )
     return TorchTrainer(
         train_loop,

@@ -17,19 +17,51 @@ def cmd_validate(args) -> int:
     failed = False
     for path in args.specs:
         try:
-            jobs = load_manifests(path)
+            objects = load_resources(path)
         except SpecError as err:
             print(f"INVALID {err}", file=sys.stderr)
             failed = True
             continue
-        for job in jobs:
-            print(f"ok      {path}: FineTuneJob/{job.name}")
+        for obj in objects:
+            print(f"ok      {path}: {obj.kind}/{obj.name}")
     return 1 if failed else 0
+
+
+def load_resources(path: str | Path) -> list:
+    """The FineTuneJobs and FineTuneSweeps of a YAML file; a file without sweeps reads as
+    load_manifests reads it (same errors)."""
+    import yaml
+
+    from finetune_api.spec import parse_job
+    from finetune_api.sweep import SWEEP_KIND, parse_sweep
+
+    try:
+        docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d is not None]
+    except (OSError, yaml.YAMLError):
+        docs = []
+    if not any(isinstance(d, dict) and d.get("kind") == SWEEP_KIND for d in docs):
+        return load_manifests(path)
+    objects, errors = [], []
+    for i, doc in enumerate(docs):
+        where = str(path) if len(docs) == 1 else f"{path}[{i}]"
+        parse = parse_sweep if isinstance(doc, dict) and doc.get("kind") == SWEEP_KIND else parse_job
+        try:
+            objects.append(parse(doc, where))
+        except SpecError as err:
+            errors.extend(err.errors if len(docs) == 1 else [f"[{i}] {e}" for e in err.errors])
+    if errors:
+        raise SpecError(str(path), errors)
+    return objects
 
 
 def localize(job: FineTuneJob, base: Path) -> FineTuneJob:
     """Relative paths in a manifest are relative to the manifest's folder, so a spec runs
     the same from any working directory (Ray workers do not share the driver's cwd)."""
+    return job.model_copy(update={"spec": localize_spec(job.spec, base)})
+
+
+def localize_spec(spec, base: Path):
+    """localize for a FineTuneJobSpec (a job's, or a sweep's template)."""
 
     def resolve(value: str | None) -> str | None:
         if value is None or "://" in value or value.startswith("package:") or Path(value).is_absolute():
@@ -37,15 +69,14 @@ def localize(job: FineTuneJob, base: Path) -> FineTuneJob:
         candidate = (base / value).resolve()
         return str(candidate) if candidate.exists() or value.startswith(".") else value
 
-    d, m, s = job.spec.dataset, job.spec.model, job.spec.storage
-    spec = job.spec.model_copy(
+    d, m, s = spec.dataset, spec.model, spec.storage
+    return spec.model_copy(
         update={
             "dataset": d.model_copy(update={"train": resolve(d.train), "validation": resolve(d.validation)}),
             "model": m.model_copy(update={"source": resolve(m.source)}),
             "storage": s.model_copy(update={"uri": resolve(s.uri) if s.uri else None}),
         }
     )
-    return job.model_copy(update={"spec": spec})
 
 
 def _follow(paths, stop: threading.Event, resumes: int) -> None:
@@ -162,6 +193,143 @@ def _train(job, paths, args, resumes: int) -> int:
     return 0
 
 
+def load_sweep(path: str | Path):
+    """The one FineTuneSweep of a YAML file; SpecError naming each bad field."""
+    import yaml
+
+    from finetune_api.sweep import SWEEP_KIND, parse_sweep
+
+    try:
+        docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d is not None]
+    except (OSError, yaml.YAMLError) as err:
+        raise SpecError(str(path), [f"cannot read: {err}"]) from None
+    if len(docs) != 1 or not isinstance(docs[0], dict) or docs[0].get("kind") != SWEEP_KIND:
+        raise ValueError(f"{path}: sweep takes a file with one {SWEEP_KIND}")
+    return parse_sweep(docs[0], str(path))
+
+
+def sweep_table(progress: dict) -> str:
+    """The trials of a sweep's progress.json as a plain-text table."""
+    trials, metric = progress.get("trials", []), progress.get("metric") or "metric"
+    params = list(dict.fromkeys(k for t in trials for k in t.get("params", {})))
+    head = ["trial", "state", *params, metric, "step"]
+    rows = [
+        [t["name"], t["state"], *(_fmt(t["params"].get(k)) for k in params),
+         _fmt(t.get("metric")) if t.get("metric") is not None else "-",
+         f"{t.get('step') or 0}/{t['total_steps']}" if t.get("total_steps") else "-"]
+        for t in trials
+    ]
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    done = sum(t["state"] in ("Succeeded", "EarlyStopped", "Failed") for t in trials)
+    best = progress.get("best_trial")
+    title = f"{done}/{progress.get('max_trials', len(trials))} trials done" + (
+        f"; best so far {best['name']} ({metric} {_fmt(best['metric'])})" if best else "")
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head, *rows]]
+    return "\n".join([title, *lines])
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _follow_sweep(store, uri: str, stop: threading.Event) -> None:
+    """A new trial table whenever the sweep's progress.json (the operator's source too) changes."""
+    from finetune_train.storage import StorageError
+
+    last = None
+    while not stop.wait(0.5):
+        try:
+            progress = store.read_json(uri)
+        except StorageError:
+            continue  # the sweep itself reports storage that stays down
+        if not progress or progress.get("kind") != "sweep" or progress.get("state") != "Running" or not progress.get("trials"):
+            continue
+        table = sweep_table(progress)
+        if table != last:
+            print(f"\n{table}", flush=True)
+            last = table
+
+
+def print_sweep_summary(progress: dict, output: str) -> None:
+    best, metric = progress["best_trial"], progress["metric"]
+    print(f"\n{sweep_table(progress)}\n")
+    print(f"best trial: {best['name']}  " + "  ".join(f"{k}={_fmt(v)}" for k, v in best["params"].items())
+          + f"  {metric}={_fmt(best['metric'])}")
+    stopped = [t["name"] for t in progress["trials"] if t["state"] == "EarlyStopped"]
+    failed = [f"{t['name']} ({t['error']})" for t in progress["trials"] if t["state"] == "Failed"]
+    if stopped:
+        print(f"stopped early by ASHA: {', '.join(stopped)}")
+    if failed:
+        print(f"failed: {', '.join(failed)}")
+
+
+def cmd_sweep(args) -> int:
+    try:
+        sweep = load_sweep(args.spec)
+    except ValueError as err:  # SpecError, or not one FineTuneSweep
+        print(f"INVALID {err}" if isinstance(err, SpecError) else str(err), file=sys.stderr)
+        return 2
+    template = localize_spec(sweep.spec.template, Path(args.spec).resolve().parent)
+    sweep = sweep.model_copy(update={"spec": sweep.spec.model_copy(update={"template": template})})
+
+    from finetune_train import launch
+    from finetune_train.storage import StorageError, Store, join
+    from finetune_train.sweep import sweep_root, trial_job
+
+    store = Store.of(template.storage)
+    problems = launch.check_inputs(trial_job(sweep, sweep.name, {}), store)
+    if problems:
+        print(f"INVALID {args.spec}:\n" + "\n".join(f"  {p.replace('spec.', 'spec.template.', 1)}" for p in problems), file=sys.stderr)
+        return 2
+    root = sweep_root(sweep, args.storage)
+    try:
+        if args.restart:
+            store.delete_dir(root)
+        progress = store.read_json(join(root, "progress.json")) or {}
+        if progress.get("state") == "Succeeded":
+            print(f"{sweep.name} already finished in {root}; --restart runs it again")
+        else:
+            code = _sweep(sweep, root, store, args)
+            if code:
+                return code
+            progress = store.read_json(join(root, "progress.json"))
+        output = join(root, "best")
+        if args.output:
+            output = str(Path(args.output).resolve())
+            store.copy_dir(join(root, "best"), output)
+        print_sweep_summary(progress, output)
+    except (StorageError, ValueError) as err:
+        print(f"{sweep.name}: {err}", file=sys.stderr)
+        return 1
+    print(f"\nmodel: {join(output, 'model')}\nplot:  {join(output, 'sweep.png')}")
+    return 0
+
+
+def _sweep(sweep, root: str, store, args) -> int:
+    """Run the sweep, printing the trial table as it changes."""
+    import ray
+
+    from finetune_train import launch
+    from finetune_train.storage import join
+    from finetune_train.sweep import run_sweep
+
+    if not ray.is_initialized():
+        launch.init_ray(include_dashboard=False, log_to_driver=args.verbose, configure_logging=False)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own console output: our table replaces it
+    stop = threading.Event()
+    follower = threading.Thread(target=_follow_sweep, args=(store, join(root, "progress.json"), stop), daemon=True)
+    follower.start()
+    try:
+        outcome = run_sweep(sweep, args.storage, local=True)
+    finally:
+        stop.set()
+        follower.join()
+    if outcome.state != "Succeeded":
+        print(f"\n{sweep.name} failed: {outcome.error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_crd(args) -> int:
     from finetune_api.crd import KINDS, render_crd_template
 
@@ -219,7 +387,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="finetune", description="Distributed fine-tuning on Ray, locally or on Kubernetes.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    v = sub.add_parser("validate", help="check FineTuneJob manifests; exit 1 naming each bad field")
+    v = sub.add_parser("validate", help="check FineTuneJob and FineTuneSweep manifests; exit 1 naming each bad field")
     v.add_argument("specs", nargs="+", metavar="SPEC")
     v.set_defaults(func=cmd_validate)
 
@@ -231,6 +399,14 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--restart", action="store_true", help="delete the run's checkpoints and start over")
     r.add_argument("--verbose", action="store_true", help="show Ray worker logs")
     r.set_defaults(func=cmd_run)
+
+    w = sub.add_parser("sweep", help="run a FineTuneSweep (Ray Tune trials of its template, ASHA early stopping) on a local Ray")
+    w.add_argument("spec", metavar="SPEC")
+    w.add_argument("--output", metavar="DIR", help="copy the best trial's model/, metrics.json, loss.png and sweep.png here")
+    w.add_argument("--storage", metavar="URI", help="override spec.template.storage.uri")
+    w.add_argument("--restart", action="store_true", help="delete the sweep's trials and start over")
+    w.add_argument("--verbose", action="store_true", help="show Ray worker logs")
+    w.set_defaults(func=cmd_sweep)
 
     c = sub.add_parser("crd", help="write the FineTuneJob and FineTuneSweep CRDs into the Helm chart")
     c.add_argument("--output-dir", default=str(CHART_CRDS), metavar="DIR")

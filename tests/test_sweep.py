@@ -1,0 +1,134 @@
+"""FineTuneSweep on a local Ray: the search space as Tune distributions, and the MiniLM
+learning-rate sweep of examples/sweeps/ end to end through `finetune sweep`, with ASHA
+stopping trials that fall behind and the best trial's model exported."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import REPO
+from finetune_api.sweep import SearchParam, parse_sweep
+
+EXAMPLE = REPO / "examples/sweeps/minilm-lr.yaml"
+TERMINAL = ("Succeeded", "EarlyStopped", "Failed")
+
+
+@pytest.mark.unit
+def test_search_space_maps_to_tune_distributions():
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    from finetune_train.sweep import param_space
+
+    space = param_space({
+        "training.lr": SearchParam(loguniform={"low": 1e-6, "high": 3e-4}),
+        "training.weightDecay": SearchParam(uniform={"low": 0.0, "high": 0.1}),
+        "method.lora.r": SearchParam(choice=[8, 16, 32]),
+        "training.gradientAccumulationSteps": SearchParam(randint={"low": 1, "high": 4}),
+    })
+    lr, wd, r, gas = (space[k] for k in ("training.lr", "training.weightDecay", "method.lora.r", "training.gradientAccumulationSteps"))
+    assert isinstance(lr, Float) and type(lr.get_sampler()).__name__ == "_LogUniform" and (lr.lower, lr.upper) == (1e-6, 3e-4)
+    assert isinstance(wd, Float) and type(wd.get_sampler()).__name__ == "_Uniform" and (wd.lower, wd.upper) == (0.0, 0.1)
+    assert isinstance(r, Categorical) and r.categories == [8, 16, 32]
+    assert isinstance(gas, Integer) and (gas.lower, gas.upper) == (1, 4)  # [low, high), as SearchParam says
+    assert set(gas.sample(size=200)) == {1, 2, 3}
+    assert all(1e-6 <= v <= 3e-4 for v in lr.sample(size=200))
+
+
+@pytest.mark.unit
+def test_asha_rungs_count_evaluations_and_trials_have_stable_names():
+    from finetune_train.sweep import EVALUATIONS, scheduler_for, trial_name
+
+    sweep = parse_sweep(yaml.safe_load(EXAMPLE.read_text()))
+    asha = scheduler_for(sweep)
+    assert asha._time_attr == EVALUATIONS
+    # maxSteps 30 / evalEvery 6: evaluations 1..5; rungs at gracePeriod x reductionFactor^k
+    assert [milestone for milestone, _ in asha._brackets[0]._rungs] == [4, 2, 1]
+    assert trial_name("minilm-lr", "3f2a1_00002") == "minilm-lr-trial-02"
+    off = parse_sweep({**yaml.safe_load(EXAMPLE.read_text()), "spec": {**sweep.spec.model_dump(by_alias=True), "scheduler": {"type": "none"}}})
+    assert scheduler_for(off) is None
+
+
+@pytest.mark.unit
+def test_validate_accepts_the_sweep_example():
+    proc = subprocess.run([sys.executable, "-m", "finetune_cli.main", "validate", str(EXAMPLE), str(REPO / "examples/minilm-sentiment.yaml")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [f"ok      {EXAMPLE}: FineTuneSweep/minilm-lr",
+                                        f"ok      {REPO / 'examples/minilm-sentiment.yaml'}: FineTuneJob/minilm-sentiment"]
+
+
+@pytest.mark.training
+@pytest.mark.timeout(2700)
+def test_minilm_learning_rate_sweep_with_asha_end_to_end(tmp_path):
+    """4 trials one at a time, each on one 2-CPU worker, i.e. all of a 2-core machine: a
+    trial ASHA stopped whose Train run kept its resources would leave the next trial
+    waiting for them forever."""
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": "local"}  # a Ray of its own, not one another process started
+    cmd = [sys.executable, "-m", "finetune_cli.main", "sweep", str(EXAMPLE), "--storage", str(tmp_path / "runs"), "--output", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=2400, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    root = tmp_path / "runs" / "minilm-lr"
+    progress = json.loads((root / "progress.json").read_text())
+    assert (progress["kind"], progress["state"], progress["metric"], progress["mode"]) == ("sweep", "Succeeded", "eval_accuracy", "max")
+    trials = {t["name"]: t for t in progress["trials"]}
+    assert sorted(trials) == [f"minilm-lr-trial-{i:02d}" for i in range(4)]
+    assert all(t["state"] in TERMINAL and t["error"] is None for t in trials.values()), trials
+    lrs = [t["params"]["training.lr"] for t in trials.values()]
+    assert len(set(lrs)) == 4 and all(1e-6 <= lr <= 1e-3 for lr in lrs)
+
+    stopped = [t for t in trials.values() if t["state"] == "EarlyStopped"]
+    finished = [t for t in trials.values() if t["state"] == "Succeeded"]
+    assert stopped and finished, trials
+    for t in stopped:  # stopped at an evaluation before the end; its Train run never got to export
+        assert t["step"] < t["total_steps"] and not (root / t["name"] / "output").exists()
+        assert json.loads((root / t["name"] / "progress.json").read_text())["state"] == "EarlyStopped"
+
+    # Like with like: every finished trial's final evaluation, from its own metrics.json.
+    final = {t["name"]: json.loads((root / t["name"] / "output/metrics.json").read_text())["eval_after"]["eval_accuracy"] for t in finished}
+    best = progress["best_trial"]
+    assert best["name"] == max(final, key=final.get) and best["metric"] == final[best["name"]] == trials[best["name"]]["metric"]
+    assert best["params"] == trials[best["name"]]["params"]
+    best_metrics = json.loads((out / "metrics.json").read_text())
+    assert best_metrics["eval_after"]["eval_accuracy"] == final[best["name"]]
+    assert best_metrics["eval_after"]["eval_accuracy"] - best_metrics["eval_before"]["eval_accuracy"] >= 0.15  # it learned
+
+    assert progress["model_uri"] == str(root / "best" / "model")
+    for folder in (root / "best", out):
+        assert {p.name for p in folder.iterdir()} >= {"model", "metrics.json", "loss.png", "sweep.png"}
+        assert (folder / "sweep.png").stat().st_size > 0
+    assert f"best trial: {best['name']}" in proc.stdout and "EarlyStopped" in proc.stdout
+
+    from transformers import pipeline
+
+    classify = pipeline("text-classification", model=str(out / "model"))
+    verdicts = classify(["Absolutely wonderful, I would buy it again tomorrow.", "Broke after two days and support never answered. Avoid."])
+    assert [v["label"] for v in verdicts] == ["positive", "negative"]
+
+
+@pytest.mark.training
+@pytest.mark.timeout(600)
+def test_a_sweep_whose_trials_all_fail_exits_1_naming_the_cause(tmp_path):
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    doc["metadata"]["name"] = "broken"
+    template = doc["spec"]["template"]
+    template["dataset"].update(train=str(REPO / "examples/data/sentiment.jsonl"), labelColumn="stars")
+    template["checkpointing"]["maxFailures"] = 0
+    doc["spec"].update(maxTrials=1, maxConcurrentTrials=1)
+    manifest = tmp_path / "broken.yaml"
+    manifest.write_text(yaml.safe_dump(doc))
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    proc = subprocess.run([sys.executable, "-m", "finetune_cli.main", "sweep", str(manifest), "--storage", str(tmp_path / "runs")],
+                          capture_output=True, text=True, timeout=500, env=env)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    cause = "DataError: dataset.train row 0: no column 'stars'"
+    assert f"broken failed: no trial finished with a value of eval_accuracy; broken-trial-00: {cause}" in proc.stderr
+    progress = json.loads((tmp_path / "runs/broken/progress.json").read_text())
+    assert progress["state"] == "Failed" and progress["best_trial"] is None and "model_uri" not in progress
+    (trial,) = progress["trials"]
+    assert trial["state"] == "Failed" and trial["error"].startswith(cause)
