@@ -652,9 +652,9 @@ def parse_job(doc: Any, source: str = "manifest") -> FineTuneJob:
         raise SpecError(source, _error_lines(err, "")) from None
 
 
-def load_manifests(path: str | Path) -> list[FineTuneJob]:
-    """Every FineTuneJob in a YAML file (multi-document allowed). Raises SpecError naming
-    each bad field; an empty file is an error too."""
+def load_manifests(path: str | Path, parse: Callable[[Any, str], Any] = parse_job) -> list[FineTuneJob]:
+    """Every FineTuneJob in a YAML file (multi-document allowed), or whatever `parse` makes of
+    each document. Raises SpecError naming each bad field; an empty file is an error too."""
     path = Path(path)
     try:
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
@@ -666,7 +666,7 @@ def load_manifests(path: str | Path) -> list[FineTuneJob]:
     for i, doc in enumerate(docs):
         where = str(path) if len(docs) == 1 else f"{path}[{i}]"
         try:
-            jobs.append(parse_job(doc, where))
+            jobs.append(parse(doc, where))
         except SpecError as err:
             errors.extend(err.errors if len(docs) == 1 else [f"[{i}] {e}" for e in err.errors])
     if errors:

@@ -28,30 +28,14 @@ def cmd_validate(args) -> int:
 
 
 def load_resources(path: str | Path) -> list:
-    """The FineTuneJobs and FineTuneSweeps of a YAML file; a file without sweeps reads as
-    load_manifests reads it (same errors)."""
-    import yaml
-
+    """The FineTuneJobs and FineTuneSweeps of a YAML file, with load_manifests' errors."""
     from finetune_api.spec import parse_job
     from finetune_api.sweep import SWEEP_KIND, parse_sweep
 
-    try:
-        docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d is not None]
-    except (OSError, yaml.YAMLError):
-        docs = []
-    if not any(isinstance(d, dict) and d.get("kind") == SWEEP_KIND for d in docs):
-        return load_manifests(path)
-    objects, errors = [], []
-    for i, doc in enumerate(docs):
-        where = str(path) if len(docs) == 1 else f"{path}[{i}]"
-        parse = parse_sweep if isinstance(doc, dict) and doc.get("kind") == SWEEP_KIND else parse_job
-        try:
-            objects.append(parse(doc, where))
-        except SpecError as err:
-            errors.extend(err.errors if len(docs) == 1 else [f"[{i}] {e}" for e in err.errors])
-    if errors:
-        raise SpecError(str(path), errors)
-    return objects
+    def parse(doc, where: str):
+        return (parse_sweep if isinstance(doc, dict) and doc.get("kind") == SWEEP_KIND else parse_job)(doc, where)
+
+    return load_manifests(path, parse)
 
 
 def localize(job: FineTuneJob, base: Path) -> FineTuneJob:
