@@ -175,8 +175,10 @@ def test_status_follows_the_rayjob_and_progress_json(controlplane, namespace, op
 
     drive(controlplane, namespace, "follow", jobDeploymentStatus="Running", jobStatus="RUNNING")
     put_progress(bucket, job, progress(40))
-    st = until_status(controlplane, namespace, "follow", "Running at step 40", lambda s: s.get("progress", {}).get("step") == 40)
-    assert st["phase"] == "Running" and st["progress"] == {"step": 40, "totalSteps": 100, "percent": 40}
+    # The RayJob's status event and the progress poll race each other: wait for both to show.
+    st = until_status(controlplane, namespace, "follow", "Running at step 40",
+                      lambda s: s.get("phase") == "Running" and s.get("progress", {}).get("step") == 40)
+    assert st["progress"] == {"step": 40, "totalSteps": 100, "percent": 40}
     assert st["metrics"] == {"trainLoss": 1.6, "evalLoss": 1.5, "tokensPerS": 1200.0}
     assert st["latestCheckpoint"] == "s3://ftj/runs/x/checkpoint_00000040" and [c["step"] for c in st["checkpoints"]] == [40, 30, 20, 10]
     assert "estimatedFinish" in st and st["observedGeneration"] == job["metadata"]["generation"]

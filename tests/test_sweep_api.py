@@ -145,8 +145,10 @@ def test_a_sweep_gets_one_rayjob_and_its_status_follows_progress(controlplane, n
         assert len(get(controlplane, namespace, "rayjobs")["items"]) == 1
         drive(controlplane, namespace, "lr-sweep-sweep", jobDeploymentStatus="Running", jobStatus="RUNNING")
         s3.client().put_object(Bucket="ftj", Key=f"runs/lr-sweep-{uid[:8]}/progress.json", Body=json.dumps(PROGRESS).encode())
-        st = until_status(controlplane, namespace, "lr-sweep", "trials in status", lambda s: len(s.get("trials", [])) == 4, kind="fts")
-        assert st["phase"] == "Running" and st["bestTrial"]["metric"] == 0.86 and st["trialsDone"] == "2/4"
+        # The RayJob's status event and the progress poll race each other: wait for both to show.
+        st = until_status(controlplane, namespace, "lr-sweep", "Running with trials in status",
+                          lambda s: s.get("phase") == "Running" and len(s.get("trials", [])) == 4, kind="fts")
+        assert st["bestTrial"]["metric"] == 0.86 and st["trialsDone"] == "2/4"
         table = kubectl(controlplane, "get", "fts", "-n", namespace).stdout.splitlines()
         assert table[0].split() == ["NAME", "PHASE", "TRIALS", "BEST", "METRIC", "AGE"]
         assert table[1].split()[:5] == ["lr-sweep", "Running", "2/4", "lr-sweep-trial-00", "0.86"]
