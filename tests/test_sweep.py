@@ -1,6 +1,7 @@
 """FineTuneSweep on a local Ray: the search space as Tune distributions, and the MiniLM
 learning-rate sweep of examples/sweeps/ end to end through `finetune sweep`, with ASHA
-stopping trials that fall behind and the best trial's model exported."""
+stopping trials that fall behind and the best trial's model exported; and a sweep whose trials
+checkpoint to S3 (the moto server)."""
 
 import json
 import os
@@ -10,7 +11,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, S3_KEY_ID, S3_SECRET, TINY_BERT, job_doc
 from finetune_api.sweep import SearchParam, parse_sweep
 
 EXAMPLE = REPO / "examples/sweeps/minilm-lr.yaml"
@@ -132,3 +133,40 @@ def test_a_sweep_whose_trials_all_fail_exits_1_naming_the_cause(tmp_path):
     assert progress["state"] == "Failed" and progress["best_trial"] is None and "model_uri" not in progress
     (trial,) = progress["trials"]
     assert trial["state"] == "Failed" and trial["error"].startswith(cause)
+
+
+@pytest.mark.training
+@pytest.mark.timeout(900)
+def test_a_sweep_on_s3_keeps_each_trials_checkpoints_under_its_name(tmp_path, s3, s3_env):
+    """Two short trials of a tiny model, no scheduler: every trial's Train run checkpoints to
+    `<uri>/<sweep>/<trial>/`, the best trial's export lands in `<uri>/<sweep>/best/` and is
+    copied to --output, and the credentials appear in nothing the sweep prints."""
+    from test_storage import Bucket
+
+    bucket = Bucket(s3, "sweeps")
+    template = job_doc("unused", tmp_path, TINY_BERT, resources={"nodes": 1},
+                       training={"maxSteps": 4, "evalEvery": 2}, checkpointing={"everySteps": 2, "keep": 1},
+                       storage={"uri": "s3://sweeps/runs", "endpoint": s3.endpoint})["spec"]
+    doc = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneSweep", "metadata": {"name": "on-s3"}, "spec": {
+        "template": template, "searchSpace": {"training.lr": {"choice": [0.01, 0.001]}},
+        "metric": "eval_loss", "scheduler": {"type": "none"}, "maxTrials": 2, "maxConcurrentTrials": 1}}
+    manifest = tmp_path / "sweep.yaml"
+    manifest.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "finetune_cli.main", "sweep", str(manifest), "--output", str(out)],
+                          capture_output=True, text=True, timeout=800, env={**s3_env, "RAY_ADDRESS": "local"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    progress = bucket.json("runs/on-s3/progress.json")
+    assert progress["state"] == "Succeeded" and [t["state"] for t in progress["trials"]] == ["Succeeded", "Succeeded"]
+    keys = bucket.keys("runs/on-s3/")
+    for trial in ("on-s3-trial-00", "on-s3-trial-01"):
+        assert any(k.startswith(f"runs/on-s3/{trial}/checkpoint_00000004/") for k in keys), trial
+        assert bucket.json(f"runs/on-s3/{trial}/progress.json")["state"] == "Succeeded"
+    best = progress["best_trial"]["name"]
+    assert progress["model_uri"] == "s3://sweeps/runs/on-s3/best/model"
+    assert {"runs/on-s3/best/sweep.png", "runs/on-s3/best/metrics.json"} <= set(keys)
+    assert bucket.json("runs/on-s3/best/metrics.json") == bucket.json(f"runs/on-s3/{best}/output/metrics.json")
+    assert (out / "model" / "config.json").is_file() and (out / "sweep.png").is_file()
+    for secret in (S3_KEY_ID, S3_SECRET):
+        assert secret not in proc.stdout + proc.stderr + json.dumps(progress)
