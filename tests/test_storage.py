@@ -23,12 +23,12 @@ MANY_STEPS = {"maxSteps": 30, "microBatchSize": 4, "lr": 0.01, "logEvery": 1, "s
 
 
 class Run:
-    """`finetune run SPEC` in its own session, output captured to files."""
+    """`finetune run SPEC` (or `command`) in its own session, output captured to files."""
 
-    def __init__(self, spec: Path, env: dict, *args: str):
+    def __init__(self, spec: Path, env: dict, *args: str, command: str = "run"):
         self.log = spec.with_suffix(f".{time.monotonic_ns()}.log")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "finetune_cli.main", "run", str(spec), *args],
+            [sys.executable, "-m", "finetune_cli.main", command, str(spec), *args],
             stdout=self.log.open("wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
 

@@ -1,10 +1,11 @@
 """FineTuneSweep on a local Ray: the search space as Tune distributions, and the MiniLM
 learning-rate sweep of examples/sweeps/ end to end through `finetune sweep`, with ASHA
-stopping trials that fall behind and the best trial's model exported; and a sweep whose trials
-checkpoint to S3 (the moto server)."""
+stopping trials that fall behind and the best trial's model exported; and a sweep on S3 (the moto
+server) preempted by SIGTERM and continued."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -137,36 +138,54 @@ def test_a_sweep_whose_trials_all_fail_exits_1_naming_the_cause(tmp_path):
 
 @pytest.mark.training
 @pytest.mark.timeout(900)
-def test_a_sweep_on_s3_keeps_each_trials_checkpoints_under_its_name(tmp_path, s3, s3_env):
-    """Two short trials of a tiny model, no scheduler: every trial's Train run checkpoints to
-    `<uri>/<sweep>/<trial>/`, the best trial's export lands in `<uri>/<sweep>/best/` and is
-    copied to --output, and the credentials appear in nothing the sweep prints."""
-    from test_storage import Bucket
+def test_a_sweep_on_s3_preempted_by_sigterm_continues_each_trial_from_its_checkpoint(tmp_path, s3, s3_env):
+    """Two trials of a tiny model one after the other, no scheduler, storage in S3. SIGTERM
+    while the first trains: it checkpoints at the step it reached, the second never starts,
+    the sweep exits 143 as Preempted. Run again: the first continues from that checkpoint,
+    every trial's checkpoints are under `<uri>/<sweep>/<trial>/`, the best trial's export in
+    `<uri>/<sweep>/best/` and copied to --output, and no credentials are printed."""
+    from test_storage import Bucket, Run, wait_for
 
     bucket = Bucket(s3, "sweeps")
     template = job_doc("unused", tmp_path, TINY_BERT, resources={"nodes": 1},
-                       training={"maxSteps": 4, "evalEvery": 2}, checkpointing={"everySteps": 2, "keep": 1},
+                       training={"maxSteps": 40, "evalEvery": 10}, checkpointing={"keep": 1},
                        storage={"uri": "s3://sweeps/runs", "endpoint": s3.endpoint})["spec"]
     doc = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneSweep", "metadata": {"name": "on-s3"}, "spec": {
-        "template": template, "searchSpace": {"training.lr": {"choice": [0.01, 0.001]}},
+        "template": template, "searchSpace": {"training.lr": {"uniform": {"low": 0.001, "high": 0.01}}},
         "metric": "eval_loss", "scheduler": {"type": "none"}, "maxTrials": 2, "maxConcurrentTrials": 1}}
     manifest = tmp_path / "sweep.yaml"
     manifest.write_text(yaml.safe_dump(doc))
-    out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "finetune_cli.main", "sweep", str(manifest), "--output", str(out)],
-                          capture_output=True, text=True, timeout=800, env={**s3_env, "RAY_ADDRESS": "local"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    env = {**s3_env, "RAY_ADDRESS": "local"}
 
+    first = Run(manifest, env, command="sweep")
+    seen = wait_for(lambda: ((p := bucket.json("runs/on-s3/on-s3-trial-00/progress.json")) or {}).get("step", 0) >= 2 and p["step"],
+                    first, what="trial 00 at step 2")
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=300) == 143, first.output[-5000:]
+    assert "on-s3 preempted; every running trial saved a checkpoint" in first.output
+    progress = bucket.json("runs/on-s3/progress.json")
+    assert progress["state"] == "Preempted" and progress["trials"][0]["state"] == "Preempted", progress
+    assert progress["trials"][1:] in ([], [{**progress["trials"][1], "state": "Preempted", "step": 0}]), progress
+    trial = bucket.json("runs/on-s3/on-s3-trial-00/progress.json")
+    (checkpoint,) = trial["checkpoints"]  # no periodic checkpoints: the one SIGTERM asked for
+    assert trial["state"] == "Preempted" and seen <= checkpoint["step"] == trial["step"] < 40
+    assert not any(k.startswith("runs/on-s3/on-s3-trial-01/checkpoint_") for k in bucket.keys("runs/on-s3/"))
+
+    out = tmp_path / "out"
+    again = Run(manifest, env, "--output", str(out), command="sweep")
+    assert again.wait(timeout=600) == 0, again.output[-5000:]
     progress = bucket.json("runs/on-s3/progress.json")
     assert progress["state"] == "Succeeded" and [t["state"] for t in progress["trials"]] == ["Succeeded", "Succeeded"]
+    resumes = bucket.json("runs/on-s3/on-s3-trial-00/progress.json")["resumes"]
+    assert [(r["step"], r["checkpoint"]) for r in resumes] == [(checkpoint["step"], checkpoint["uri"])]
     keys = bucket.keys("runs/on-s3/")
-    for trial in ("on-s3-trial-00", "on-s3-trial-01"):
-        assert any(k.startswith(f"runs/on-s3/{trial}/checkpoint_00000004/") for k in keys), trial
-        assert bucket.json(f"runs/on-s3/{trial}/progress.json")["state"] == "Succeeded"
+    for name in ("on-s3-trial-00", "on-s3-trial-01"):
+        assert any(k.startswith(f"runs/on-s3/{name}/checkpoint_00000040/") for k in keys), name
+        assert bucket.json(f"runs/on-s3/{name}/progress.json")["state"] == "Succeeded"
     best = progress["best_trial"]["name"]
     assert progress["model_uri"] == "s3://sweeps/runs/on-s3/best/model"
     assert {"runs/on-s3/best/sweep.png", "runs/on-s3/best/metrics.json"} <= set(keys)
     assert bucket.json("runs/on-s3/best/metrics.json") == bucket.json(f"runs/on-s3/{best}/output/metrics.json")
     assert (out / "model" / "config.json").is_file() and (out / "sweep.png").is_file()
     for secret in (S3_KEY_ID, S3_SECRET):
-        assert secret not in proc.stdout + proc.stderr + json.dumps(progress)
+        assert secret not in first.output + again.output + json.dumps(progress)

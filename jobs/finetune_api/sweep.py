@@ -17,6 +17,9 @@ from finetune_api.spec import (
 )
 
 SWEEP_KIND = "FineTuneSweep"
+# A trial's states in progress.json and status.trials; Preempted trials continue when the sweep runs again.
+TRIAL_STATES = ("Pending", "Running", "Succeeded", "EarlyStopped", "Failed", "Preempted")
+TRIAL_DONE = ("Succeeded", "EarlyStopped", "Failed")
 
 
 def leaf_paths(model: type[Spec] = FineTuneJobSpec, prefix: str = "") -> list[str]:

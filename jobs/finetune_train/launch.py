@@ -120,9 +120,11 @@ def _uri(storage_root: str, fs_path: str) -> str:
     return f"s3://{fs_path}" if is_s3(storage_root) else fs_path
 
 
-def trainer_for(job: FineTuneJob, paths: RunPaths, workers: int | None = None, local: bool = True, callbacks: list | None = None):
+def trainer_for(job: FineTuneJob, paths: RunPaths, workers: int | None = None, local: bool = True,
+                callbacks: list | None = None, signal: str | None = None):
     """`callbacks`: Ray Train callbacks to run after the progress.json one (a sweep's trials
-    forward their evaluations to Tune through one)."""
+    forward their evaluations to Tune through one). `signal`: the preemption signal the
+    workers watch, the run's own by default (a sweep's trials share the sweep's)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -147,22 +149,23 @@ def trainer_for(job: FineTuneJob, paths: RunPaths, workers: int | None = None, l
     )
     return TorchTrainer(
         train_loop,
-        train_loop_config={"spec": dump_spec(job.spec), "run": paths.name, "run_uri": paths.run, "output_uri": paths.output},
+        train_loop_config={"spec": dump_spec(job.spec), "signal": signal or paths.name, "run_uri": paths.run, "output_uri": paths.output},
         scaling_config=scaling,
         run_config=run,
     )
 
 
-class _Preemption:
-    """SIGTERM during fit(): ask the workers to checkpoint and stop; if they have not
-    finished within the grace period, interrupt fit() (the checkpoint before stays latest)."""
+class Preemption:
+    """SIGTERM during fit(): ask the workers watching the signal `name` to checkpoint and stop;
+    if they have not finished within the grace period, interrupt fit() (the checkpoint before
+    stays latest)."""
 
-    def __init__(self, run: str, grace_seconds: int):
-        self.run, self.grace, self.requested = run, grace_seconds, False
+    def __init__(self, name: str, grace_seconds: int):
+        self.name, self.grace, self.requested = name, grace_seconds, False
         self.deadline = threading.Timer(grace_seconds, _thread.interrupt_main)
 
     def __enter__(self):
-        self.signal = preempt.create(self.run)
+        self.signal = preempt.create(self.name)
         # Python delivers signals to the main thread only; a run started elsewhere keeps the
         # process's handler.
         self.previous = None
@@ -202,7 +205,7 @@ def run(job: FineTuneJob, paths: RunPaths, workers: int | None = None, local: bo
     from ray.train import TrainingFailedError
 
     result = error = None
-    preemption = _Preemption(paths.name, job.spec.checkpointing.grace_period_seconds)
+    preemption = Preemption(paths.name, job.spec.checkpointing.grace_period_seconds)
     try:
         with preemption:
             result = trainer_for(job, paths, workers, local).fit()

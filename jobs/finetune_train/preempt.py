@@ -1,9 +1,10 @@
-"""Preemption: a run told to stop (SIGTERM to `finetune run` or to the RayJob entrypoint)
-saves a checkpoint at the current step on every worker and ends, so the next attempt of the
-same run loses nothing.
+"""Preemption: a run told to stop (SIGTERM to `finetune run`, `finetune sweep` or the RayJob
+entrypoint) saves a checkpoint at the current step on every worker and ends, so the next
+attempt of the same run loses nothing.
 
-The request travels through one named Ray actor per run; each training worker waits on it
-in a background thread, and the ranks agree on the step to stop at with one all-reduce.
+The request travels through one named Ray actor per run, or per sweep for all its trials;
+each training worker waits on it in a background thread, and the ranks agree on the step to
+stop at with one all-reduce.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ class _Signal:
         await self._requested.wait()
         return self.reason
 
+    async def requested(self) -> bool:
+        return self._requested.is_set()
+
 
 def _name(run: str) -> str:
     return f"preempt-{run}"
@@ -47,6 +51,11 @@ def lookup(run: str):
         return ray.get_actor(_name(run), namespace=NAMESPACE)
     except ValueError:
         return None
+
+
+def requested(run: str) -> bool:
+    signal = lookup(run)
+    return signal is not None and ray.get(signal.requested.remote())
 
 
 class Watcher:

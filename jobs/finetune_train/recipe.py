@@ -75,7 +75,7 @@ def train_loop(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(t.seed)
-    preemption = Watcher(config["run"], device)
+    preemption = Watcher(config["signal"], device)
 
     # ---- data (s3:// inputs are fetched once per node)
     path = materialize(resolve_source(store.local_copy(spec.model.source)), spec.model.gguf_file)

@@ -40,7 +40,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from finetune_api.spec import API_VERSION, FineTuneJob, ObjectMeta
 from finetune_api.sweep import FineTuneSweep, SearchParam
-from finetune_train import launch
+from finetune_train import launch, preempt
 from finetune_train.storage import RunPaths, Store, StorageError, join, normalize
 
 log = logging.getLogger("finetune.sweep")
@@ -50,7 +50,6 @@ log = logging.getLogger("finetune.sweep")
 # 2-CPU worker; Tune needs some resource in a request, so a little memory.
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 2**20}
 EVALUATIONS = "evaluations"  # ASHA's time attribute: evaluations a trial has reported
-TRIAL_STATES = ("Pending", "Running", "Succeeded", "EarlyStopped", "Failed")
 POLL_SECONDS = 0.5  # how often the driver looks for new steps of running trials
 
 
@@ -167,11 +166,13 @@ def _trial_fn(sweep: FineTuneSweep, root: str, store: Store, metric: str, board,
 
         name = trial_name(sweep.name, tune.get_context().get_trial_id())
         params = {path: _plain(config[path]) for path in sweep.spec.search_space}
+        if preempt.requested(sweep.run_name):
+            return  # the sweep is stopping: this trial starts when the sweep runs again
         try:
             job = trial_job(sweep, name, params)
             paths = RunPaths(root, name, store)
             launch.check_same_run(job, paths)
-            trainer = launch.trainer_for(job, paths, local=local, callbacks=[TrialReporter(name, metric, board)])
+            trainer = launch.trainer_for(job, paths, local=local, callbacks=[TrialReporter(name, metric, board)], signal=sweep.run_name)
             trainer.fit()
         except RayActorError:
             if ray.get(board.was_stopped.remote(name)):
@@ -203,7 +204,8 @@ def _best(trials: list[dict], mode: str) -> dict | None:
 class SweepTracker(tune.Callback):
     """Runs in the Tune driver loop: keeps every trial's state, step and metric, rewrites
     `<root>/progress.json` whenever one changes, and aborts the Train run of a trial ASHA
-    stops before Tune goes on."""
+    stops before Tune goes on. A trial that ends unexported while the sweep is being preempted
+    is Preempted: its checkpoint is where the next run of the sweep continues it."""
 
     def __init__(self, sweep: FineTuneSweep, root: str, store: Store, metric: str, board):
         self.sweep, self.root, self.store, self.metric, self.board = sweep, root, store, metric, board
@@ -283,6 +285,9 @@ class SweepTracker(tune.Callback):
             if entry["name"] in self.exported:
                 entry["state"] = "Succeeded"
                 self._finish_trial_progress(entry["name"], "Succeeded")
+            elif preempt.requested(self.sweep.run_name):
+                entry["state"] = "Preempted"
+                self._finish_trial_progress(entry["name"], "Preempted")
             else:
                 entry.update(state="Failed", error="the trial ended without exporting a model")
                 self._finish_trial_progress(entry["name"], "Failed", entry["error"])
@@ -337,7 +342,7 @@ def _tune_error(trial) -> str:
 
 @dataclass
 class SweepOutcome:
-    state: str  # Succeeded or Failed
+    state: str  # Succeeded, Preempted or Failed
     progress: dict  # the final progress.json
     root: str
 
@@ -378,7 +383,8 @@ def scheduler_for(sweep: FineTuneSweep):
 
 def run_sweep(sweep: FineTuneSweep, storage_uri: str | None = None, local: bool = True) -> SweepOutcome:
     """Run every trial of the sweep on the Ray this process is connected to; progress.json
-    ends in Succeeded (with the best trial's model in <root>/best/) or Failed."""
+    ends in Succeeded (with the best trial's model in <root>/best/), Preempted (SIGTERM: the
+    running trials checkpointed and stopped, no new one started) or Failed."""
     from ray.tune.search import BasicVariantGenerator
 
     spec = sweep.spec
@@ -387,6 +393,7 @@ def run_sweep(sweep: FineTuneSweep, storage_uri: str | None = None, local: bool 
     metric = spec.metric or "eval_loss"
     board = TrialBoard.remote()
     ray.get(board.snapshot.remote())  # started before Tune's loop asks it anything
+    preemption = launch.Preemption(sweep.run_name, spec.template.checkpointing.grace_period_seconds)
     tracker = SweepTracker(sweep, root, store, metric, board)
     tracker.write()
     fs, fs_root = store.filesystem(root)
@@ -414,7 +421,17 @@ def run_sweep(sweep: FineTuneSweep, storage_uri: str | None = None, local: bool 
     level = slow_warnings.level
     slow_warnings.setLevel(logging.ERROR)
     try:
-        tuner.fit()
+        try:
+            with preemption:
+                tuner.fit()
+        except KeyboardInterrupt:  # the grace period ran out
+            if not preemption.requested:
+                raise
+        if preemption.requested:
+            for t in tracker.trials.values():
+                if t["state"] == "Running":  # the grace period ran out before its checkpoint
+                    t["state"] = "Preempted"
+            return SweepOutcome("Preempted", tracker.write("Preempted"), root)
         best = tracker.progress()["best_trial"]
         if best is None:
             errors = [f"{t['name']}: {t['error']}" for t in tracker.trials.values() if t["error"]]

@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 from finetune_api.spec import FineTuneJob, SpecError, load_manifests
+from finetune_api.sweep import TRIAL_DONE
 
 CHART_CRDS = Path("charts/finetune-operator/templates/crd")
 
@@ -204,7 +205,7 @@ def sweep_table(progress: dict) -> str:
         for t in trials
     ]
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-    done = sum(t["state"] in ("Succeeded", "EarlyStopped", "Failed") for t in trials)
+    done = sum(t["state"] in TRIAL_DONE for t in trials)
     best = progress.get("best_trial")
     title = f"{done}/{progress.get('max_trials', len(trials))} trials done" + (
         f"; best so far {best['name']} ({metric} {_fmt(best['metric'])})" if best else "")
@@ -308,6 +309,9 @@ def _sweep(sweep, root: str, store, args) -> int:
     finally:
         stop.set()
         follower.join()
+    if outcome.state == "Preempted":
+        print(f"\n{sweep.name} preempted; every running trial saved a checkpoint. Run the same command to continue.", file=sys.stderr)
+        return 143
     if outcome.state != "Succeeded":
         print(f"\n{sweep.name} failed: {outcome.error}", file=sys.stderr)
         return 1

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from typing import NamedTuple
 
 from finetune_api.spec import FineTuneJob
-from finetune_api.sweep import FineTuneSweep
+from finetune_api.sweep import TRIAL_DONE, FineTuneSweep
 
 PHASES = ("Pending", "Initializing", "Running", "Succeeded", "Failed", "Suspended")
 CONDITION_TYPES = ("Ready", "Running", "Suspended", "Succeeded", "Failed")
@@ -130,9 +130,6 @@ def invalid_status(generation: int | None, message: str, previous: dict | None, 
     problem = Problem("InvalidSpec", message)
     conds = conditions("Failed", problem.reason, message, problem, generation, (previous or {}).get("conditions", []), _rfc3339(now))
     return {"phase": "Failed", "reason": problem.reason, "message": message, "observedGeneration": generation, "conditions": conds}
-
-
-TRIAL_DONE = ("Succeeded", "EarlyStopped", "Failed")
 
 
 def _done(progress: dict) -> int:
