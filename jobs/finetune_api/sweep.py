@@ -17,8 +17,7 @@ from finetune_api.spec import (
 )
 
 SWEEP_KIND = "FineTuneSweep"
-# A trial's states in progress.json and status.trials; Preempted trials continue when the sweep runs again.
-TRIAL_STATES = ("Pending", "Running", "Succeeded", "EarlyStopped", "Failed", "Preempted")
+# A trial is Pending, Running, Preempted (continued when the sweep runs again) or one of these.
 TRIAL_DONE = ("Succeeded", "EarlyStopped", "Failed")
 
 
