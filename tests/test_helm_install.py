@@ -190,15 +190,20 @@ def forbidden(log: Path) -> list[str]:
     return [m for m in messages if re.search(r"forbidden|\b403\b", m, re.IGNORECASE)]
 
 
-def reconciles(release: Release, op: Operator, namespace: str, tmp_path: Path, secret_namespace: str) -> None:
-    """A plain job becomes a RayJob with a status and an Event; a job whose storage Secret is
-    missing says SecretNotFound (a 404: get on secrets is allowed, else SecretForbidden) and
-    goes ahead once the Secret exists."""
+def reconciles_as_the_chart(release: Release, namespace: str, tmp_path: Path, secret_namespace: str) -> None:
+    """The operator, run as the chart describes it: a plain job becomes a RayJob with a status
+    and an Event; a job whose storage Secret is missing says SecretNotFound (a 404: get on
+    secrets is allowed, else SecretForbidden) and goes ahead once the Secret exists; it stops
+    cleanly and the apiserver refused it nothing."""
+    op = run_operator_as_the_chart(release, tmp_path)
     try:
         _reconciles(release, op, namespace, tmp_path, secret_namespace)
     except AssertionError as err:
         refused = "\n".join(m[:300] for m in forbidden(op.log)[:4])
         raise AssertionError(f"{err}\nrequests the apiserver refused the operator:\n{refused or '(none)'}") from None
+    finally:
+        assert op.stop() == 0, op.log.read_text()[-3000:]
+    assert forbidden(op.log) == []
 
 
 def _reconciles(release: Release, op: Operator, namespace: str, tmp_path: Path, secret_namespace: str) -> None:
@@ -233,12 +238,7 @@ def test_a_clusterwide_release_reconciles_with_exactly_the_charts_rbac(releases,
     assert "WARNING: the RayJob CRD" not in notes  # .Capabilities saw KubeRay's CRD
     assert release.objects() == expected_objects(release, []) == release.live()
 
-    op = run_operator_as_the_chart(release, tmp_path)
-    try:
-        reconciles(release, op, namespace, tmp_path, secret_namespace=namespace)
-    finally:
-        assert op.stop() == 0, op.log.read_text()[-3000:]
-    assert forbidden(op.log) == []
+    reconciles_as_the_chart(release, namespace, tmp_path, secret_namespace=namespace)
     # A clean stop hands the Lease over: get and update on it are granted.
     lease = json.loads(release.admin("get", "lease", release.fullname, "-n", release.namespace, "-o", "json").stdout)
     assert not lease["spec"].get("holderIdentity")
@@ -253,12 +253,7 @@ def test_a_namespaced_release_reconciles_in_its_namespaces(releases, tmp_path):
     assert release.objects() == expected_objects(release, [a, b]) == release.live()
     assert [x for x in release.deployment_args() if x.startswith("--namespace")] == [f"--namespace={a}", f"--namespace={b}"]
 
-    op = run_operator_as_the_chart(release, tmp_path)
-    try:
-        reconciles(release, op, a, tmp_path, secret_namespace=b)
-    finally:
-        assert op.stop() == 0, op.log.read_text()[-3000:]
-    assert forbidden(op.log) == []
+    reconciles_as_the_chart(release, a, tmp_path, secret_namespace=b)
 
     uninstalls_cleanly(release)
 
