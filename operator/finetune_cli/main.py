@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from finetune_api.spec import FineTuneJob, SpecError, load_manifests
@@ -64,21 +65,47 @@ def localize_spec(spec, base: Path):
     )
 
 
-def _follow(paths, stop: threading.Event, resumes: int) -> None:
-    """Progress bar drawn from progress.json, the file the operator reads too; `resumes` is
-    how many resumes earlier runs recorded there."""
-    from tqdm import tqdm
-
+def _running_progress(store, uri: str, stop: threading.Event):
+    """progress.json (the file the operator reads too) every half second while it says
+    Running, until `stop` is set."""
     from finetune_train.storage import StorageError
 
-    bar = None
     while not stop.wait(0.5):
         try:
-            progress = paths.store.read_json(paths.progress)
+            progress = store.read_json(uri)
         except StorageError:
             continue  # the run itself reports storage that stays down
-        if not progress or progress.get("state") != "Running":
-            continue
+        if progress and progress.get("state") == "Running":
+            yield progress
+
+
+@contextmanager
+def _on_local_ray(verbose: bool, follow, *args):
+    """The block runs on a local Ray (unless this process has one already) while a thread
+    runs `follow(*args, stop)` to draw its progress."""
+    import ray
+
+    from finetune_train import launch
+
+    if not ray.is_initialized():
+        launch.init_ray(include_dashboard=False, log_to_driver=verbose, configure_logging=False)
+    stop = threading.Event()
+    follower = threading.Thread(target=follow, args=(*args, stop), daemon=True)
+    follower.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        follower.join()
+
+
+def _follow(paths, resumes: int, stop: threading.Event) -> None:
+    """Progress bar drawn from progress.json; `resumes` is how many resumes earlier runs
+    recorded there."""
+    from tqdm import tqdm
+
+    bar = None
+    for progress in _running_progress(paths.store, paths.progress, stop):
         for r in progress.get("resumes", [])[resumes:]:
             (bar.write if bar else print)(f"resumed from {r['checkpoint']} at step {r['step']}")
         resumes = len(progress.get("resumes", []))
@@ -145,20 +172,10 @@ def cmd_run(args) -> int:
 
 def _train(job, paths, args, resumes: int) -> int:
     """Train with a progress bar; `resumes`: how many resumes progress.json recorded before."""
-    import ray
-
     from finetune_train import launch
 
-    if not ray.is_initialized():
-        launch.init_ray(include_dashboard=False, log_to_driver=args.verbose, configure_logging=False)
-    stop = threading.Event()
-    follower = threading.Thread(target=_follow, args=(paths, stop, resumes), daemon=True)
-    follower.start()
-    try:
+    with _on_local_ray(args.verbose, _follow, paths, resumes):
         outcome = launch.run(job, paths, workers=args.workers, local=True)
-    finally:
-        stop.set()
-        follower.join()
     progress = outcome.progress
     if outcome.state == "Preempted":
         print(
@@ -218,16 +235,10 @@ def _fmt(value) -> str:
 
 
 def _follow_sweep(store, uri: str, stop: threading.Event) -> None:
-    """A new trial table whenever the sweep's progress.json (the operator's source too) changes."""
-    from finetune_train.storage import StorageError
-
+    """A new trial table whenever the sweep's progress.json changes."""
     last = None
-    while not stop.wait(0.5):
-        try:
-            progress = store.read_json(uri)
-        except StorageError:
-            continue  # the sweep itself reports storage that stays down
-        if not progress or progress.get("kind") != "sweep" or progress.get("state") != "Running" or not progress.get("trials"):
+    for progress in _running_progress(store, uri, stop):
+        if progress.get("kind") != "sweep" or not progress.get("trials"):
             continue
         table = sweep_table(progress)
         if table != last:
@@ -292,23 +303,12 @@ def cmd_sweep(args) -> int:
 
 def _sweep(sweep, root: str, store, args) -> int:
     """Run the sweep, printing the trial table as it changes."""
-    import ray
-
-    from finetune_train import launch
     from finetune_train.storage import join
     from finetune_train.sweep import run_sweep
 
-    if not ray.is_initialized():
-        launch.init_ray(include_dashboard=False, log_to_driver=args.verbose, configure_logging=False)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own console output: our table replaces it
-    stop = threading.Event()
-    follower = threading.Thread(target=_follow_sweep, args=(store, join(root, "progress.json"), stop), daemon=True)
-    follower.start()
-    try:
+    with _on_local_ray(args.verbose, _follow_sweep, store, join(root, "progress.json")):
         outcome = run_sweep(sweep, args.storage, local=True)
-    finally:
-        stop.set()
-        follower.join()
     if outcome.state == "Preempted":
         print(f"\n{sweep.name} preempted; every running trial saved a checkpoint. Run the same command to continue.", file=sys.stderr)
         return 143
