@@ -222,17 +222,24 @@ def run(job: FineTuneJob, paths: RunPaths, workers: int | None = None, local: bo
             state = "Preempted" if (result.metrics or {}).get("preempted") else "Succeeded"
         else:
             state = "Preempted" if preemption.requested else "Failed"
-        final = {"state": state, "updated": time.time()}
-        if state == "Succeeded":
-            final["model_uri"] = join(paths.output, "model")
-        if state == "Failed":
-            final["error"] = failure_message(error, paths.storage)
-        try:
-            final = {**(paths.store.read_json(paths.progress) or {}), **final}
-            paths.store.write_json(paths.progress, final)
-        except StorageError as err:
-            log.error("progress.json not updated to %s: %s", state, err)
+        final = finish_progress(paths, state, failure_message(error, paths.storage) if state == "Failed" else None)
     return Outcome(state, final)
+
+
+def finish_progress(paths: RunPaths, state: str, error: str | None = None) -> dict:
+    """Ends the run's progress.json in `state` (with the model's URI on success, `error` if
+    given) and returns it; when storage is down, as far as it got."""
+    final = {"state": state, "updated": time.time()}
+    if state == "Succeeded":
+        final["model_uri"] = join(paths.output, "model")
+    if error is not None:
+        final["error"] = error
+    try:
+        final = {**(paths.store.read_json(paths.progress) or {}), **final}
+        paths.store.write_json(paths.progress, final)
+    except StorageError as err:
+        log.error("%s: progress.json not updated to %s: %s", paths.name, state, err)
+    return final
 
 
 def failure_message(error: BaseException | None, storage: str) -> str:

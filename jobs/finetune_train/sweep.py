@@ -245,18 +245,9 @@ class SweepTracker(tune.Callback):
         entry.update(fields)
         return entry
 
-    def _finish_trial_progress(self, name: str, state: str, error: str | None = None) -> None:
+    def _finish(self, name: str, state: str, error: str | None = None) -> None:
         """The trial's own progress.json ends in its final state, as a FineTuneJob's does."""
-        uri = join(self.root, name, "progress.json")
-        try:
-            final = {**(self.store.read_json(uri) or {}), "state": state, "updated": time.time()}
-            if state == "Succeeded":
-                final["model_uri"] = join(self.root, name, "output", "model")
-            if error:
-                final["error"] = error
-            self.store.write_json(uri, final)
-        except StorageError as err:
-            log.warning("%s: progress.json not updated to %s: %s", name, state, err)
+        launch.finish_progress(RunPaths(self.root, name, self.store), state, error)
 
     # -- Tune's events
 
@@ -276,7 +267,7 @@ class SweepTracker(tune.Callback):
         elif result.get("done"):  # the scheduler decided to stop this trial; Tune acts after this returns
             self._abort(entry["name"])
             entry["state"] = "EarlyStopped"
-            self._finish_trial_progress(entry["name"], "EarlyStopped")
+            self._finish(entry["name"], "EarlyStopped")
         self.write()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -284,20 +275,20 @@ class SweepTracker(tune.Callback):
         if entry["state"] != "EarlyStopped":
             if entry["name"] in self.exported:
                 entry["state"] = "Succeeded"
-                self._finish_trial_progress(entry["name"], "Succeeded")
+                self._finish(entry["name"], "Succeeded")
             elif preempt.requested(self.sweep.run_name):
                 entry["state"] = "Preempted"
-                self._finish_trial_progress(entry["name"], "Preempted")
+                self._finish(entry["name"], "Preempted")
             else:
                 entry.update(state="Failed", error="the trial ended without exporting a model")
-                self._finish_trial_progress(entry["name"], "Failed", entry["error"])
+                self._finish(entry["name"], "Failed", entry["error"])
         self.write()
 
     def on_trial_error(self, iteration, trials, trial, **info):
         entry = self._set(trial)
         _, errors = ray.get(self.board.snapshot.remote())
         entry.update(state="Failed", error=errors.get(entry["name"]) or _tune_error(trial))
-        self._finish_trial_progress(entry["name"], "Failed", entry["error"])
+        self._finish(entry["name"], "Failed", entry["error"])
         self.write()
 
     def on_step_end(self, iteration, trials, **info):
