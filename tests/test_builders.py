@@ -5,8 +5,8 @@ import copy
 import pytest
 
 from conftest import TINY_LLAMA, job_doc
-from finetune_api.spec import parse_job
-from finetune_operator.builders import DEFAULT_IMAGE, RESTRICTED, build_rayjob, owned_by, spec_patch
+from finetune_api.spec import SpecError, parse_job
+from finetune_operator.builders import DEFAULT_IMAGE, REPORT_TOKEN_DIR, RESTRICTED, Settings, build_rayjob, needs_apply, owned_by
 
 pytestmark = pytest.mark.unit
 
@@ -30,15 +30,42 @@ def test_defaults(tmp_path):
     (owner,) = rj["metadata"]["ownerReferences"]
     assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == ("FineTuneJob", "sft", UID, True)
     spec = rj["spec"]
-    assert (spec["suspend"], spec["backoffLimit"], spec["ttlSecondsAfterFinished"], spec["shutdownAfterJobFinishes"]) == (False, 0, 3600, True)
+    assert (spec["suspend"], spec["backoffLimit"], spec["ttlSecondsAfterFinished"], spec["shutdownAfterJobFinishes"]) == (False, 0, 0, True)
     assert "activeDeadlineSeconds" not in spec
     group = spec["rayClusterSpec"]["workerGroupSpecs"][0]
     assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 2
     for pod in pods(rj).values():
-        assert set(pod) == {"containers"}  # no scheduling fields unless the spec sets them
+        assert set(pod) == {"containers", "volumes", "terminationGracePeriodSeconds"}  # no scheduling fields unless set
+        assert pod["terminationGracePeriodSeconds"] == 120 + 30  # gracePeriodSeconds + the margin
         (c,) = pod["containers"]
-        assert c["image"] == DEFAULT_IMAGE and c["securityContext"] == RESTRICTED and "env" not in c
+        assert c["image"] == DEFAULT_IMAGE and c["securityContext"] == RESTRICTED and c["env"] == [{"name": "FINETUNE_IMAGE", "value": DEFAULT_IMAGE}]
         assert "nvidia.com/gpu" not in c["resources"]["limits"]
+        assert c["volumeMounts"] == [{"name": "shm", "mountPath": "/dev/shm"}]
+    # Every Ray pod's preStop hook hands SIGTERM to the training driver and waits for the checkpoint.
+    for pod in pods(rj).values():
+        assert pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"] == ["python", "-m", "finetune_train.prestop"]
+    # A head that fits beside two 1-CPU workers on a small node; CPU unlimited, memory limited.
+    assert pods(rj)["head"]["containers"][0]["resources"] == {"requests": {"cpu": "250m", "memory": "4Gi"}, "limits": {"memory": "4Gi"}}
+
+
+@pytest.mark.parametrize(
+    "resources, head, worker",
+    [
+        ({}, {"medium": "Memory", "sizeLimit": "4Gi"}, {"medium": "Memory"}),  # no worker memory limit: none on /dev/shm
+        ({"memoryPerWorker": "16Gi", "head": {"memory": "3Gi"}}, {"medium": "Memory", "sizeLimit": "3Gi"},
+         {"medium": "Memory", "sizeLimit": "16Gi"}),
+    ],
+)
+def test_dev_shm_is_memory_sized_to_the_memory_limit(tmp_path, resources, head, worker):
+    p = pods(rayjob(tmp_path, resources=resources))
+    assert [v["emptyDir"] for v in p["head"]["volumes"]] == [head]
+    assert [v["emptyDir"] for v in p["worker"]["volumes"]] == [worker]
+
+
+def test_head_resources_and_termination_grace_come_from_the_spec(tmp_path):
+    rj = rayjob(tmp_path, resources={"head": {"cpu": "1", "memory": "4Gi"}}, checkpointing={"gracePeriodSeconds": 600})
+    assert pods(rj)["head"]["containers"][0]["resources"] == {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"memory": "4Gi"}}
+    assert {pod["terminationGracePeriodSeconds"] for pod in pods(rj).values()} == {630}
 
 
 @pytest.mark.parametrize(
@@ -47,7 +74,7 @@ def test_defaults(tmp_path):
         ({"suspend": True}, {"suspend": True}),
         ({"retries": 3}, {"backoffLimit": 3}),
         ({"activeDeadlineSeconds": 7200}, {"activeDeadlineSeconds": 7200}),
-        ({"ttlSecondsAfterFinished": 0}, {"ttlSecondsAfterFinished": 0}),
+        ({"ttlSecondsAfterFinished": 600}, {"ttlSecondsAfterFinished": 600}),
     ],
 )
 def test_lifecycle_fields(tmp_path, spec, rayjob_spec):
@@ -76,38 +103,122 @@ def test_gpus_scheduling_and_image_reach_the_pods(tmp_path):
     assert rj["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 4
 
 
-def defaulted(rj):
-    """The RayJob as the apiserver and KubeRay hand it back: defaults and status added."""
-    out = copy.deepcopy(rj)
-    out["spec"]["submissionMode"] = "K8sJobMode"
-    out["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["restartPolicy"] = "Always"
-    out["metadata"].update(uid="rj-uid", resourceVersion="7")
-    del out["spec"]["suspend"], out["spec"]["backoffLimit"]  # KubeRay's writes drop zero values (Go omitempty)
-    out["status"] = {"jobDeploymentStatus": "Running"}
-    return out
-
-
-@pytest.mark.parametrize(
-    "change, changed",
-    [
-        ({}, set()),  # only defaults differ: nothing to write
-        ({"suspend": True}, {"spec.suspend"}),
-        ({"resources": {"nodes": 3}}, {"spec.rayClusterSpec.workerGroupSpecs[0].replicas", "spec.rayClusterSpec.workerGroupSpecs[0].minReplicas",
-                                       "spec.rayClusterSpec.workerGroupSpecs[0].maxReplicas"}),
-        ({"scheduling": {"priorityClassName": "batch-high"}}, {"spec.rayClusterSpec.headGroupSpec.template.spec.priorityClassName",
-                                                               "spec.rayClusterSpec.workerGroupSpecs[0].template.spec.priorityClassName"}),
-    ],
-)
-def test_an_existing_rayjob_is_patched_only_when_the_spec_moved(tmp_path, change, changed):
-    observed = defaulted(rayjob(tmp_path))
-    desired = rayjob(tmp_path, **change)
-    patch, paths = spec_patch(desired, observed)
-    assert set(paths) - {"spec.entrypoint"} == changed  # the entrypoint carries the whole spec
-    assert patch == ({"spec": desired["spec"]} if changed else None)
-
-
 def test_a_rayjob_is_ours_only_through_its_controller_reference(tmp_path):
     rj = rayjob(tmp_path)
     assert owned_by(rj, UID) and not owned_by(rj, "another-uid")
     rj["metadata"]["ownerReferences"][0]["controller"] = False
     assert not owned_by(rj, UID)
+
+
+# ---- applying: the spec hash
+
+
+@pytest.mark.parametrize(
+    "change, moves",
+    [
+        ({}, False),
+        ({"suspend": True}, True),
+        ({"resources": {"nodes": 3}}, True),
+        ({"scheduling": {"priorityClassName": "batch-high"}}, True),
+        ({"resources": {"head": {"cpu": "500m"}}}, True),
+        ({"podTemplate": {"labels": {"team": "a"}}}, True),
+        ({"queueName": "gpu"}, True),
+    ],
+)
+def test_the_rayjob_is_applied_again_only_when_the_desired_spec_moved(tmp_path, change, moves):
+    applied = rayjob(tmp_path)
+    # What the apiserver and KubeRay hand back: defaults, canonical quantities, status. Only
+    # the hash of what was applied decides.
+    observed = copy.deepcopy(applied)
+    observed["spec"]["submissionMode"] = "K8sJobMode"
+    observed["status"] = {"jobDeploymentStatus": "Running"}
+    assert needs_apply(rayjob(tmp_path, **change), observed) == moves
+    assert needs_apply(applied, None)
+
+
+def test_a_run_that_failed_for_good_is_not_retried(tmp_path):
+    assert rayjob(tmp_path, retries=3)["spec"]["backoffLimit"] == 3
+    doc = job_doc("sft", tmp_path, TINY_LLAMA, retries=3)
+    doc["metadata"].update(namespace="team-a", uid=UID)
+    assert build_rayjob(parse_job(doc), give_up=True)["spec"]["backoffLimit"] == 0
+
+
+# ---- reports, pod templates, queues
+
+
+def test_with_a_report_url_every_pod_gets_it_and_a_projected_token_for_the_operator_only(tmp_path):
+    doc = job_doc("sft", tmp_path, TINY_LLAMA)
+    doc["metadata"].update(namespace="team-a", uid=UID)
+    rj = build_rayjob(parse_job(doc), Settings(report_url="http://op.ns.svc:8081/v1/progress"))
+    for pod in pods(rj).values():
+        (c,) = pod["containers"]
+        assert {e["name"]: e["value"] for e in c["env"]} == {"FINETUNE_IMAGE": DEFAULT_IMAGE,
+            "FINETUNE_STATUS_URL": "http://op.ns.svc:8081/v1/progress", "FINETUNE_STATUS_TOKEN_FILE": f"{REPORT_TOKEN_DIR}/token"}
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "finetune-report"]
+        assert volume["projected"]["sources"] == [{"serviceAccountToken": {"audience": "finetune-operator", "expirationSeconds": 3600, "path": "token"}}]
+        assert {"name": "finetune-report", "mountPath": REPORT_TOKEN_DIR, "readOnly": True} in c["volumeMounts"]
+
+
+POD_TEMPLATE = {
+    "labels": {"team": "vision"}, "annotations": {"sidecar.istio.io/inject": "false"},
+    "serviceAccountName": "trainer", "imagePullSecrets": [{"name": "regcred"}],
+    "env": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}],
+    "envFrom": [{"configMapRef": {"name": "proxy"}}],
+    "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "datasets"}}],
+    "volumeMounts": [{"name": "data", "mountPath": "/data", "readOnly": True}],
+}
+
+
+def test_a_pod_template_reaches_head_and_workers_beside_what_the_operator_needs(tmp_path):
+    rj = rayjob(tmp_path, podTemplate=POD_TEMPLATE, storage={"uri": "s3://b/runs", "credentialsSecret": {"name": "s3"}})
+    cluster = rj["spec"]["rayClusterSpec"]
+    for template in (cluster["headGroupSpec"]["template"], cluster["workerGroupSpecs"][0]["template"]):
+        meta, pod = template["metadata"], template["spec"]
+        assert meta["labels"]["team"] == "vision" and meta["labels"]["finetune.dev/job"] == "sft"
+        assert meta["annotations"] == {"sidecar.istio.io/inject": "false"}
+        assert pod["serviceAccountName"] == "trainer" and pod["imagePullSecrets"] == [{"name": "regcred"}]
+        assert [v["name"] for v in pod["volumes"]] == ["shm", "data"]
+        (c,) = pod["containers"]
+        assert [e["name"] for e in c["env"]] == ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "FINETUNE_IMAGE", "HF_TOKEN"]
+        assert c["env"][-1]["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
+        assert c["envFrom"] == [{"configMapRef": {"name": "proxy"}}]
+        assert c["volumeMounts"][1:] == [{"name": "data", "mountPath": "/data", "readOnly": True}]
+        assert c["securityContext"] == RESTRICTED  # kept: the template did not replace it
+
+
+def test_a_pod_template_replaces_the_security_context_only_explicitly(tmp_path):
+    mine = {"runAsUser": 0, "runAsNonRoot": False}
+    p = pods(rayjob(tmp_path, podTemplate={"securityContext": mine, "podSecurityContext": {"fsGroup": 1000}}))
+    for pod in p.values():
+        assert pod["containers"][0]["securityContext"] == mine and pod["securityContext"] == {"fsGroup": 1000}
+
+
+@pytest.mark.parametrize(
+    "template, field",
+    [
+        ({"env": [{"name": "FINETUNE_STATUS_URL", "value": "x"}]}, "env"),
+        ({"volumes": [{"name": "shm", "emptyDir": {}}]}, "volumes"),
+        ({"volumeMounts": [{"name": "nowhere", "mountPath": "/x"}]}, "volumeMounts"),
+        ({"volumes": [{"name": "v", "emptyDir": {}}], "volumeMounts": [{"name": "v", "mountPath": "/dev/shm"}]}, "volumeMounts"),
+        ({"labels": {"finetune.dev/job": "other"}}, "labels"),
+        ({"env": [{"value": "no name"}]}, "env.0.name"),
+    ],
+)
+def test_a_pod_template_may_not_take_what_the_operator_needs(tmp_path, template, field):
+    with pytest.raises(SpecError) as err:
+        rayjob(tmp_path, podTemplate=template)
+    assert any(line.startswith(f"spec.podTemplate.{field}:") for line in err.value.errors), err.value.errors
+
+
+def test_a_queued_job_starts_suspended_and_then_leaves_suspend_to_kueue(tmp_path):
+    doc = job_doc("sft", tmp_path, TINY_LLAMA, queueName="gpu-queue")
+    doc["metadata"].update(namespace="team-a", uid=UID)
+    job = parse_job(doc)
+    new = build_rayjob(job)
+    assert new["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue" and new["spec"]["suspend"] is True
+    admitted = {**new, "spec": {**new["spec"], "suspend": False}}  # Kueue unsuspended it
+    assert build_rayjob(job, observed=admitted)["spec"]["suspend"] is False  # Kueue's to flip once it exists
+    assert build_rayjob(job, observed=new)["spec"]["suspend"] is True
+    job.spec.suspend = True
+    assert build_rayjob(job, observed=admitted)["spec"]["suspend"] is True  # the user's suspend still holds
+    assert "kueue.x-k8s.io/queue-name" not in rayjob(tmp_path)["metadata"]["labels"]

@@ -133,6 +133,10 @@ def operator_objects(*extra) -> set:
         ("ServiceAccount", NAMESPACE, FULLNAME),
         ("Deployment", NAMESPACE, FULLNAME),
         ("Service", NAMESPACE, f"{FULLNAME}-metrics"),
+        ("Service", NAMESPACE, f"{FULLNAME}-reports"),
+        # TokenReviews (who sent a report) are cluster-scoped: in every mode.
+        ("ClusterRole", None, f"{FULLNAME}-tokenreview"),
+        ("ClusterRoleBinding", None, f"{FULLNAME}-tokenreview"),
         ("Role", NAMESPACE, f"{FULLNAME}-leader-election"),
         ("RoleBinding", NAMESPACE, f"{FULLNAME}-leader-election"),
         ("Pod", NAMESPACE, f"{FULLNAME}-test-healthz"),
@@ -180,7 +184,8 @@ WATCH_RULES = {  # (apiGroup, resource) -> verbs, in every watched namespace (or
     ("finetune.dev", "finetunesweeps"): {"get", "list", "watch", "patch"},
     ("finetune.dev", "finetunesweeps/status"): {"get", "patch", "update"},
     ("ray.io", "rayjobs"): {"get", "list", "watch", "create", "patch"},
-    ("", "secrets"): {"get"},
+    ("", "pods"): {"get", "list", "watch"},  # why a starting job is stuck (status.pod_problem); the pod a report comes from
+    ("kueue.x-k8s.io", "workloads"): {"list"},  # why a queued job waits
     ("", "events"): {"create", "patch"},
     ("events.k8s.io", "events"): {"create", "patch"},
 }
@@ -207,11 +212,12 @@ def test_rbac_is_least_privilege(mode):
             assert "*" not in rule["apiGroups"] + rule["resources"] + rule["verbs"], f"{where}: wildcard in {rule}"
             assert "rbac.authorization.k8s.io" not in rule["apiGroups"], f"{where}: may change RBAC"
             assert not {"pods/exec", "pods/attach", "pods/portforward"} & set(rule["resources"]), where
-            if "secrets" in rule["resources"]:
-                assert rule["verbs"] == ["get"], f"{where}: secrets verbs {rule['verbs']} (only get: never list or watch)"
+            assert "secrets" not in rule["resources"], f"{where}: runs report themselves; the operator reads no Secret"
             if "leases" in rule["resources"]:
                 assert role["kind"] == "Role" and role["metadata"]["namespace"] == NAMESPACE, f"{where}: leases outside {NAMESPACE}"
-        if role["metadata"]["name"].endswith("-leader-election"):
+        if role["metadata"]["name"].endswith("-tokenreview"):
+            assert grants(role) == {("authentication.k8s.io", "tokenreviews"): {"create"}}
+        elif role["metadata"]["name"].endswith("-leader-election"):
             assert grants(role) == {("coordination.k8s.io", "leases"): {"get", "create", "update"}}
             named = [r for r in role["rules"] if set(r["verbs"]) & {"get", "update"}]
             assert all(r.get("resourceNames") == [FULLNAME] for r in named), "get/update only the operator's own Lease"
@@ -221,21 +227,23 @@ def test_rbac_is_least_privilege(mode):
 
 def test_cluster_wide_mode_binds_a_cluster_role_to_the_service_account():
     docs = objects("default")
-    binding = one(docs, "ClusterRoleBinding")
+    binding = one(docs, "ClusterRoleBinding", FULLNAME)
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": FULLNAME}
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]
     assert "--namespace" not in " ".join(container(docs)["args"])
 
 
-def test_namespaced_mode_has_no_cluster_rights_and_secrets_only_where_it_watches():
+def test_namespaced_mode_has_no_cluster_rights_but_tokenreviews_and_acts_only_where_it_watches():
     docs = objects("namespaced")
-    assert not [d for d in docs if d["kind"].startswith("Cluster") and d["kind"] != "CustomResourceDefinition"]
-    secret_namespaces = {r["metadata"]["namespace"] for r in docs if r["kind"] == "Role" and ("", "secrets") in grants(r)}
-    assert secret_namespaces == {"team-a", "team-b"}
-    for binding in (d for d in docs if d["kind"] == "RoleBinding"):
+    cluster = [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    assert {d["metadata"]["name"] for d in cluster} == {f"{FULLNAME}-tokenreview"}
+    pod_namespaces = {r["metadata"]["namespace"] for r in docs if r["kind"] == "Role" and ("", "pods") in grants(r)}
+    assert pod_namespaces == {"team-a", "team-b"}
+    for binding in (d for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding")):
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]
-        assert binding["roleRef"]["kind"] == "Role"
-        assert ("Role", binding["metadata"]["namespace"], binding["roleRef"]["name"]) in keys(docs)
+        kind = binding["kind"].removesuffix("Binding")
+        assert binding["roleRef"]["kind"] == kind
+        assert (kind, binding["metadata"].get("namespace"), binding["roleRef"]["name"]) in keys(docs)
     assert container(docs)["args"][:2] == ["--namespace=team-a", "--namespace=team-b"]
 
 
@@ -269,11 +277,12 @@ def test_operator_deployment_defaults():
     assert dep["spec"]["replicas"] == 2
     assert c["image"] == f"ghcr.io/finetune-operator/operator:{CHART_META['appVersion']}"
     assert c["command"] == ["finetune", "operator"]
-    assert c["ports"] == [{"name": "http-metrics", "containerPort": 8080, "protocol": "TCP"}]
+    assert c["ports"] == [{"name": "http-metrics", "containerPort": 8080, "protocol": "TCP"},
+                          {"name": "http-reports", "containerPort": 8081, "protocol": "TCP"}]
     for probe in ("livenessProbe", "readinessProbe"):
         assert c[probe]["httpGet"] == {"path": "/healthz", "port": "http-metrics"}
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["env"]}
-    assert env == {"POD_NAMESPACE": "metadata.namespace", "POD_NAME": "metadata.name"}
+    assert env == {"POD_NAMESPACE": "metadata.namespace", "POD_NAME": "metadata.name", "POD_IP": "status.podIP"}
     assert c["securityContext"] == {
         "runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532, "allowPrivilegeEscalation": False,
         "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
@@ -294,6 +303,12 @@ def test_operator_args_parse_with_the_operator_cli():
         assert args.command == "operator" and args.namespace == namespaces
         assert args.image == DEFAULT_IMAGE, "the chart's default trainer image is the operator's"
         assert (args.poll_seconds, args.metrics_address, args.log_format) == (10, "0.0.0.0:8080", "json")
+        # Runs report to the reports Service, which selects the operator's pods on that port.
+        assert args.report_url == f"http://{FULLNAME}-reports.{NAMESPACE}.svc:8081/v1/progress"
+        assert args.report_address == "0.0.0.0:8081"
+        reports = one(objects(mode), "Service", f"{FULLNAME}-reports")
+        assert reports["spec"]["ports"] == [{"name": "http-reports", "port": 8081, "targetPort": "http-reports", "protocol": "TCP"}]
+        assert selects(reports["spec"]["selector"], one(objects(mode), "Deployment", FULLNAME)["spec"]["template"]["metadata"]["labels"])
         assert (args.leader_election, args.lease_name, args.lease_namespace) == (True, FULLNAME, NAMESPACE)
     c = container(render("--set", "trainerImage=reg/t:1", "--set", "pollSeconds=3", "--set", "logFormat=plain",
                          "--set", "metrics.port=9090", "--set", "replicas=1", "--set", "leaderElection.enabled=false"))
@@ -372,7 +387,7 @@ def test_service_monitor():
     assert one(labelled, "ServiceMonitor")["metadata"]["labels"]["release"] == "prom"
 
 
-def test_network_policy_opens_only_the_metrics_port_and_leaves_egress():
+def test_network_policy_opens_only_the_metrics_and_reports_ports_and_leaves_egress():
     docs = objects("everything")
     policy = one(docs, "NetworkPolicy")
     operator_labels = one(docs, "Deployment", FULLNAME)["spec"]["template"]["metadata"]["labels"]
@@ -380,7 +395,8 @@ def test_network_policy_opens_only_the_metrics_port_and_leaves_egress():
     assert selects(policy["spec"]["podSelector"]["matchLabels"], operator_labels)
     assert not selects(policy["spec"]["podSelector"]["matchLabels"], minio_labels)
     assert policy["spec"]["policyTypes"] == ["Ingress"]
-    assert policy["spec"]["ingress"] == [{"ports": [{"port": "http-metrics", "protocol": "TCP"}]}]
+    assert policy["spec"]["ingress"] == [{"ports": [{"port": "http-metrics", "protocol": "TCP"}]},
+                                         {"ports": [{"port": "http-reports", "protocol": "TCP"}]}]  # runs anywhere report
     peers = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
     restricted = render("--set", "networkPolicy.enabled=true", "--set-json", f"networkPolicy.from={json.dumps(peers)}")
     assert one(restricted, "NetworkPolicy")["spec"]["ingress"][0]["from"] == peers

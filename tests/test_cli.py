@@ -17,8 +17,10 @@ pytestmark = pytest.mark.unit
         ({"dataset": {"train": "missing.jsonl"}}, "spec.dataset.train: no such file"),
         ({"model": {"source": "package:no-such-model-package"}}, "spec.model.source: package:no-such-model-package"),
         ({"model": {"source": "./models/absent"}}, "spec.model.source: "),
+        ({"dataset": {"labelColumn": "stars"}}, "spec.dataset.train row 0: no column 'stars'"),
+        ({"model": {"labels": ["good", "bad"]}}, "spec.dataset.train row 0: label 'positive' is not one of model.labels ['good', 'bad']"),
     ],
-    ids=["dataset-file", "package", "local-model-dir"],
+    ids=["dataset-file", "package", "local-model-dir", "label-column", "label-value"],
 )
 def test_run_rejects_missing_inputs_before_ray_starts(tmp_path, patch, expected):
     doc = yaml.safe_load((REPO / "examples/minilm-sentiment.yaml").read_text())

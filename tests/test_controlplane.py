@@ -1,18 +1,17 @@
 """Against a real control plane (etcd + kube-apiserver + kube-controller-manager + KubeRay's
 operator, built from Go modules by infra/build-controlplane.sh; see the `controlplane`
 fixture in conftest.py): the CRD installs, the examples apply, the apiserver rejects what
-`finetune validate` rejects naming the same field, immutable fields stay immutable, and
-KubeRay turns a RayJob built from our spec into a RayCluster."""
+`finetune validate` rejects naming the same field, and immutable fields stay immutable.
+KubeRay turning our RayJob into a Ray cluster is the e2e tier's, on a real node (test_e2e.py)."""
 
 import json
 
 import pytest
 import yaml
 
-from conftest import EXAMPLES, KUBERAY_NAMESPACE, REPO, get, kubectl, wait_for
-from finetune_api.spec import SpecError, load_manifests, parse_job
-from finetune_operator.builders import build_rayjob
-from test_spec import BASE, MALFORMED, patch
+from conftest import EXAMPLES, REPO, get, kubectl
+from finetune_api.spec import SpecError, load_manifests
+from test_spec import BASE, MALFORMED
 
 # The session fixture's first use may build the binaries (cold: about a quarter of an
 # hour on 2 cores), and pytest-timeout counts fixture set-up against the first test.
@@ -32,7 +31,7 @@ def test_crds_are_established(controlplane):
 def test_examples_apply_and_print_columns(controlplane, namespace):
     result = kubectl(controlplane, "apply", "-n", namespace, "-f", str(REPO / "examples"))
     expected = sorted(job.name for path in EXAMPLES for job in load_manifests(path))
-    assert len(expected) == 4
+    assert len(expected) == 6  # every example is a FineTuneJob
     for name in expected:
         assert f"finetunejob.finetune.dev/{name} created" in result.stdout
     table = kubectl(controlplane, "get", "ftj", "-n", namespace).stdout.splitlines()
@@ -85,43 +84,3 @@ def test_immutable_fields_cannot_change_but_resources_can(controlplane, namespac
     job = get(controlplane, namespace, "ftj", "sentiment")
     assert job["spec"]["resources"]["nodes"] == 3
     assert job["spec"]["training"].get("lr") != 0.5
-
-
-def test_kuberay_creates_the_raycluster_of_our_rayjob(controlplane):
-    namespace = KUBERAY_NAMESPACE
-    doc = patch({"metadata.name": "rayjob-e2e"})
-    kubectl(controlplane, "apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(doc))
-    stored = get(controlplane, namespace, "ftj", "rayjob-e2e")
-    job = parse_job(
-        {
-            **doc,
-            "metadata": {"name": "rayjob-e2e", "namespace": namespace, "uid": stored["metadata"]["uid"]},
-            "spec": stored["spec"],
-        }
-    )
-    kubectl(controlplane, "apply", "-f", "-", stdin=yaml.safe_dump(build_rayjob(job)))
-
-    def raycluster():
-        items = get(controlplane, namespace, "rayclusters")["items"]
-        return [c for c in items if any(o["kind"] == "RayJob" and o["name"] == "rayjob-e2e" for o in c["metadata"].get("ownerReferences", []))]
-
-    try:
-        (cluster,) = wait_for("KubeRay to create the RayCluster", raycluster)
-    except AssertionError:
-        raise AssertionError("no RayCluster; kuberay-operator log:\n" + controlplane.log_tail("kuberay-operator", 60)) from None
-    workers = cluster["spec"]["workerGroupSpecs"][0]
-    assert workers["replicas"] == job.spec.resources.nodes
-    rayjob = get(controlplane, namespace, "rayjob", "rayjob-e2e")
-    assert rayjob["metadata"]["ownerReferences"][0]["uid"] == job.metadata.uid
-    # KubeRay goes on to create the head pod (Pending for good: there is no kubelet).
-    wait_for("the head pod", lambda: get(controlplane, namespace, "pods", "-l", "ray.io/node-type=head")["items"], 30)
-
-    # Deleting the FineTuneJob: kube-controller-manager's garbage collector deletes the
-    # RayJob it owns (KubeRay's finalizer may hold it in Terminating).
-    kubectl(controlplane, "delete", "ftj", "rayjob-e2e", "-n", namespace, "--wait=false")
-
-    def rayjob_collected():
-        result = kubectl(controlplane, "get", "rayjob", "rayjob-e2e", "-n", namespace, "-o", "json", check=False)
-        return result.returncode != 0 or "deletionTimestamp" in json.loads(result.stdout)["metadata"]
-
-    wait_for("the garbage collector to delete the RayJob", rayjob_collected, 60)

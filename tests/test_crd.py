@@ -116,7 +116,11 @@ def test_the_sweep_is_a_second_kind_of_the_same_group_and_cannot_change():
     spec = crd(SWEEP)["spec"]
     assert (spec["group"], spec["names"]["kind"], spec["names"]["shortNames"]) == ("finetune.dev", "FineTuneSweep", ["fts"])
     schema = spec["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
-    assert {"rule": "self == oldSelf", "message": "a FineTuneSweep cannot change once created; create a new one"} in schema["x-kubernetes-validations"]
+    # Everything but suspend is immutable: trials are sampled from what the sweep was created with.
+    immutable = {v["fieldPath"] for v in schema["x-kubernetes-validations"] if "oldSelf" in v["rule"]}
+    assert immutable == {f".{f}" for f in set(schema["properties"]) - {"suspend"}}
+    metric = next(v for v in schema["x-kubernetes-validations"] if v.get("fieldPath") == ".metric" and "oldSelf" in v["rule"])
+    assert metric["rule"] == "has(self.metric) == has(oldSelf.metric) && (!has(self.metric) || self.metric == oldSelf.metric)"
     # The template is the FineTuneJob spec schema itself, rules included (immutability is the sweep's).
     job = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     template = schema["properties"]["template"]
@@ -153,8 +157,32 @@ def test_schema_is_structural(kind):
                 assert node[bound] is True and bound.removeprefix("exclusive").lower() in node, path
         for key in node.get("required", []):
             assert key in node["properties"], f"{path}: required {key} is not a property"
-    assert root["properties"]["status"]["x-kubernetes-preserve-unknown-fields"] is True
     assert root["required"] == ["spec"]
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.name)
+def test_status_schema_is_the_status_model(kind):
+    """Typed like the spec (kubectl explain works), no defaults (the operator writes whole
+    statuses), and every printer column's path is in it."""
+    from finetune_api.status import State
+
+    status = crd(kind)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    assert "x-kubernetes-preserve-unknown-fields" not in status
+    assert status["properties"]["phase"]["enum"] == [s.value for s in State]
+    assert status["properties"]["conditions"]["items"]["properties"]["lastTransitionTime"]["format"] == "date-time"
+    assert not [path for path, node in walk(status) if "default" in node]
+    for column in kind.columns:
+        if column["jsonPath"].startswith(".status."):
+            resolve_field_path(status, column["jsonPath"].removeprefix(".status"))
+
+
+def test_a_printer_column_the_status_lacks_is_an_error(monkeypatch):
+    from finetune_api import kinds
+
+    broken = kinds.JOB.columns + ({"name": "Oops", "type": "string", "jsonPath": ".status.nothingHere"},)
+    monkeypatch.setattr(kinds, "JOB", crd_module.JOB.__class__(**{**crd_module.JOB.__dict__, "columns": broken}))
+    with pytest.raises(CRDError, match="nothingHere"):
+        crd(kinds.JOB)
 
 
 def test_schema_types_and_defaults(spec_schema):
@@ -253,7 +281,7 @@ def test_unions_are_refused():
         value: int | str = 1
 
     with pytest.raises(CRDError, match="value"):
-        crd_module._Converter(Odd).convert()
+        crd_module._Converter(Odd).convert("spec")
 
 
 def test_resolve_field_path(spec_schema):

@@ -1,8 +1,9 @@
 """The chart installed with the real helm into the real control plane, and the operator run as
 the chart's ServiceAccount (a TokenRequest token, so it has exactly the chart's RBAC and no
-more): cluster-wide and namespaced releases reconcile FineTuneJobs, `kubectl auth can-i`
-shows every right the operator needs granted and the dangerous ones denied, and `helm
-uninstall` leaves no RBAC behind. There is no kubelet: the Deployment's pods never run, so the
+more): cluster-wide and namespaced releases reconcile FineTuneJobs and take the runs' reports
+(a TokenReview, the reporting pod), `kubectl auth can-i` shows every right the operator needs
+granted and the dangerous ones denied, no Secret among them, and `helm uninstall` leaves no
+RBAC behind. There is no kubelet: the Deployment's pods never run, so the
 operator runs here, with the Deployment's own arguments."""
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ import yaml
 
 from conftest import REPO, TINY_BERT, job_doc, wait_for
 from helm import ToolNotFound, helm, kubectl
-from test_operator import Operator, apply, create_secret, events_of, rayjob_of, s3_job, until_status
+from test_operator import Operator, apply, drive, events_of, progress, ray_head, rayjob_of, report_of, until_status
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.timeout(600)]
 
 CHART = REPO / "charts/finetune-operator"
 INSTANCE = "app.kubernetes.io/instance"
 FTJ, RAYJOBS, LEASES = "finetunejobs.finetune.dev", "rayjobs.ray.io", "leases.coordination.k8s.io"
+TOKENREVIEWS, WORKLOADS = "tokenreviews.authentication.k8s.io", "workloads.kueue.x-k8s.io"
 
 
 @cache
@@ -167,6 +169,8 @@ def releases(controlplane, tmp_path):
 def expected_objects(release: Release, watched: list[str]) -> set[tuple[str, str, str]]:
     name, ns = release.fullname, release.namespace
     common = {("Deployment", ns, name), ("ServiceAccount", ns, name), ("Service", ns, f"{name}-metrics"),
+              ("Service", ns, f"{name}-reports"), ("ClusterRole", "", f"{name}-tokenreview"),
+              ("ClusterRoleBinding", "", f"{name}-tokenreview"),
               ("Role", ns, f"{name}-leader-election"), ("RoleBinding", ns, f"{name}-leader-election")}
     if not watched:
         return common | {("ClusterRole", "", name), ("ClusterRoleBinding", "", name)}
@@ -174,12 +178,12 @@ def expected_objects(release: Release, watched: list[str]) -> set[tuple[str, str
 
 
 def run_operator_as_the_chart(release: Release, tmp_path: Path) -> Operator:
-    """`finetune operator` with the Deployment's arguments (but a free loopback metrics port
-    and a short poll), authenticated as the chart's ServiceAccount."""
+    """`finetune operator` with the Deployment's arguments (but free loopback metrics and report
+    ports and a short poll), authenticated as the chart's ServiceAccount."""
     args = release.deployment_args()
     lease = next(a.split("=", 1)[1] for a in args if a.startswith("--lease-name="))
     assert f"--lease-namespace={release.namespace}" in args and "--log-format=json" in args
-    kept = [a for a in args if not a.startswith(("--metrics-address=", "--poll-seconds="))]
+    kept = [a for a in args if not a.startswith(("--metrics-address=", "--report-address=", "--poll-seconds="))]
     identity = SimpleNamespace(kubeconfig=release.token_kubeconfig(tmp_path / f"{release.name}.kubeconfig"))
     return Operator(identity, tmp_path / f"{release.name}.log", *kept, lease=lease)
 
@@ -190,14 +194,13 @@ def forbidden(log: Path) -> list[str]:
     return [m for m in messages if re.search(r"forbidden|\b403\b", m, re.IGNORECASE)]
 
 
-def reconciles_as_the_chart(release: Release, namespace: str, tmp_path: Path, secret_namespace: str) -> None:
+def reconciles_as_the_chart(release: Release, namespace: str, tmp_path: Path) -> None:
     """The operator, run as the chart describes it: a plain job becomes a RayJob with a status
-    and an Event; a job whose storage Secret is missing says SecretNotFound (a 404: get on
-    secrets is allowed, else SecretForbidden) and goes ahead once the Secret exists; it stops
-    cleanly and the apiserver refused it nothing."""
+    and an Event; a run's report (checked by TokenReview and the reporting pod) reaches the
+    status; it stops cleanly and the apiserver refused it nothing."""
     op = run_operator_as_the_chart(release, tmp_path)
     try:
-        _reconciles(release, op, namespace, tmp_path, secret_namespace)
+        _reconciles(release, op, namespace, tmp_path)
     except AssertionError as err:
         refused = "\n".join(m[:300] for m in forbidden(op.log)[:4])
         raise AssertionError(f"{err}\nrequests the apiserver refused the operator:\n{refused or '(none)'}") from None
@@ -206,19 +209,18 @@ def reconciles_as_the_chart(release: Release, namespace: str, tmp_path: Path, se
     assert forbidden(op.log) == []
 
 
-def _reconciles(release: Release, op: Operator, namespace: str, tmp_path: Path, secret_namespace: str) -> None:
+def _reconciles(release: Release, op: Operator, namespace: str, tmp_path: Path) -> None:
     plane = release.plane
-    apply(plane, namespace, job_doc("plain", tmp_path, TINY_BERT))
+    job = apply(plane, namespace, job_doc("plain", tmp_path, TINY_BERT))
     rayjob_of(plane, namespace, "plain")
     until_status(plane, namespace, "plain", "phase Initializing", lambda s: s.get("phase") == "Initializing")
     wait_for("the Initializing Event", lambda: ("Normal", "Initializing") in events_of(plane, namespace, "plain"), 15)
 
-    closed = "http://127.0.0.1:9"  # never read before the RayJob runs
-    apply(plane, secret_namespace, s3_job("secret", tmp_path, closed, secret="creds"))
-    until_status(plane, secret_namespace, "secret", "SecretNotFound", lambda s: s.get("reason") == "SecretNotFound")
-    create_secret(plane, secret_namespace, "creds")
-    rayjob_of(plane, secret_namespace, "secret")
-    until_status(plane, secret_namespace, "secret", "phase Initializing", lambda s: s.get("phase") == "Initializing")
+    drive(plane, namespace, "plain", jobDeploymentStatus="Running", jobStatus="RUNNING", rayClusterName="plain-rc")
+    token = ray_head(plane, namespace, "plain", "plain-rc")
+    code, text, _ = op.report(token, report_of(job, progress(40)))
+    assert code == 200, text
+    until_status(plane, namespace, "plain", "Running at step 40", lambda s: s.get("progress", {}).get("step") == 40)
 
     lease = json.loads(release.admin("get", "lease", release.fullname, "-n", release.namespace, "-o", "json").stdout)
     assert lease["spec"]["holderIdentity"].endswith(str(op.proc.pid))
@@ -238,7 +240,7 @@ def test_a_clusterwide_release_reconciles_with_exactly_the_charts_rbac(releases,
     assert "WARNING: the RayJob CRD" not in notes  # .Capabilities saw KubeRay's CRD
     assert release.objects() == expected_objects(release, []) == release.live()
 
-    reconciles_as_the_chart(release, namespace, tmp_path, secret_namespace=namespace)
+    reconciles_as_the_chart(release, namespace, tmp_path)
     # A clean stop hands the Lease over: get and update on it are granted.
     lease = json.loads(release.admin("get", "lease", release.fullname, "-n", release.namespace, "-o", "json").stdout)
     assert not lease["spec"].get("holderIdentity")
@@ -253,7 +255,7 @@ def test_a_namespaced_release_reconciles_in_its_namespaces(releases, tmp_path):
     assert release.objects() == expected_objects(release, [a, b]) == release.live()
     assert [x for x in release.deployment_args() if x.startswith("--namespace")] == [f"--namespace={a}", f"--namespace={b}"]
 
-    reconciles_as_the_chart(release, a, tmp_path, secret_namespace=b)
+    reconciles_as_the_chart(release, b, tmp_path)
 
     uninstalls_cleanly(release)
 
@@ -263,12 +265,14 @@ NEEDED = [
     *[(verb, FTJ, None) for verb in ("get", "list", "watch", "patch")],
     ("patch", FTJ, "status"),
     *[(verb, RAYJOBS, None) for verb in ("get", "list", "watch", "create", "patch")],
-    ("get", "secrets", None),
+    *[(verb, "pods", None) for verb in ("get", "list", "watch")],
+    ("list", WORKLOADS, None),
     ("create", "events", None),
 ]
-# Never, in any namespace nor across all of them.
+# Never, in any namespace nor across all of them: runs report their progress themselves, so
+# the operator reads no Secret (and no bucket).
 DENIED = [
-    ("list", "secrets", None), ("watch", "secrets", None), ("create", "pods", "exec"),
+    ("get", "secrets", None), ("list", "secrets", None), ("watch", "secrets", None), ("create", "pods", "exec"),
     ("create", "roles.rbac.authorization.k8s.io", None), ("create", "rolebindings.rbac.authorization.k8s.io", None),
     ("delete", FTJ, None), ("update", FTJ, None), ("delete", RAYJOBS, None), ("delete", LEASES, None),
 ]
@@ -295,7 +299,7 @@ def test_rbac_is_least_privilege(releases, mode):
 
     allowed = [(v, r, ns, s) for ns in watched for v, r, s in NEEDED]
     allowed += [("create", LEASES, release.namespace, None), ("get", lease, release.namespace, None),
-                ("update", lease, release.namespace, None)]
+                ("update", lease, release.namespace, None), ("create", TOKENREVIEWS, None, None)]
     denied = [(v, r, ns, s) for ns in (watched[0], other, None) for v, r, s in DENIED]
     denied += [(v, r, None, s) for v, r, s in DENIED_CLUSTER]
     # The Lease: only the release's own, only in the release namespace.

@@ -36,6 +36,10 @@ BASE = {
 DELETE = object()
 # The base turned into a causal-lm job (labels are only for classification).
 CAUSAL = {"spec.model.task": "causal-lm", "spec.model.labels": DELETE}
+# ... and into an image-classification job of a timm architecture.
+IMAGE = {"spec.model.task": "image-classification", "spec.model.architecture": "efficientnet_lite0", "spec.model.source": "weights.pth"}
+# ... and into a preference (DPO) job.
+PREFERENCE = {"spec.model.task": "preference", "spec.model.labels": DELETE}
 
 
 def patch(*changes: dict) -> dict:
@@ -86,8 +90,10 @@ MALFORMED = [
         "prompt-without-completion",
         patch(CAUSAL, {"spec.dataset.promptColumn": "prompt"}),
         "spec.dataset.completionColumn",
-        "go together",
+        "causal-lm with promptColumn needs completionColumn",
     ),
+    ("completion-without-prompt", patch(CAUSAL, {"spec.dataset.completionColumn": "c"}), "spec.dataset.completionColumn",
+     "needs promptColumn"),
     (
         "two-input-styles",
         patch(CAUSAL, {"spec.dataset.textColumn": "text", "spec.dataset.messagesColumn": "messages"}),
@@ -121,10 +127,12 @@ MALFORMED = [
         "earlyStopping-eval_accuracy-for-causal-lm",
         patch(CAUSAL, {"spec.training.evalEvery": 10, "spec.training.earlyStopping": {"metric": "eval_accuracy", "mode": "max"}}),
         "spec.training.earlyStopping.metric",
-        "eval_loss, eval_perplexity for causal-lm",
+        "causal-lm: eval_loss, eval_perplexity",
     ),
     ("adapter-output-without-lora", patch({"spec.output.format": "adapter"}), "spec.output.format", "needs method.type lora; use output.format merged"),
     ("bad-memoryPerWorker", patch({"spec.resources.memoryPerWorker": "16GB"}), "spec.resources.memoryPerWorker", "Kubernetes quantity such as 16Gi"),
+    ("bad-head-cpu", patch({"spec.resources.head.cpu": "1 core"}), "spec.resources.head.cpu", "Kubernetes quantity such as 16Gi"),
+    ("unknown-head-field", patch({"spec.resources.head.gpus": 1}), "spec.resources.head.gpus", "allowed here: cpu, memory"),
     ("microBatchSize-0", patch({"spec.training.microBatchSize": 0}), "spec.training.microBatchSize", "greater than or equal to 1"),
     ("name-uppercase", patch({"metadata.name": "Sentiment"}), "metadata.name", "lowercase"),
     ("name-with-dot", patch({"metadata.name": "sentiment.v2"}), "metadata.name", "DNS-1123 label"),
@@ -144,6 +152,66 @@ MALFORMED = [
      "valid string"),
     ("max-failures-below-unlimited", patch({"spec.checkpointing.maxFailures": -2}), "spec.checkpointing.maxFailures",
      "greater than or equal to -1"),
+    ("model-source-ftp", patch({"spec.model.source": "ftp://nowhere/x"}), "spec.model.source", "Hugging Face id (org/name), s3://"),
+    ("model-source-empty-package", patch({"spec.model.source": "package:"}), "spec.model.source", "package:<distribution>"),
+    ("dataset-train-https", patch({"spec.dataset.train": "https://example.com/t.jsonl"}), "spec.dataset.train", "local path or s3://"),
+    ("dataset-validation-gs", patch({"spec.dataset.validation": "gs://b/v.jsonl"}), "spec.dataset.validation", "local path or s3://"),
+    ("dataset-test-http", patch({"spec.dataset.test": "http://x/t.jsonl"}), "spec.dataset.test", "local path or s3://"),
+    ("pod-env-finetune", patch({"spec.podTemplate.env": [{"name": "FINETUNE_STATUS_URL", "value": "x"}]}), "spec.podTemplate.env",
+     "are the operator's"),
+    ("pod-volume-shm", patch({"spec.podTemplate.volumes": [{"name": "shm", "emptyDir": {}}]}), "spec.podTemplate.volumes",
+     "are the operator's"),
+    ("pod-mount-no-volume", patch({"spec.podTemplate.volumeMounts": [{"name": "data", "mountPath": "/data"}]}),
+     "spec.podTemplate.volumeMounts", "names a volume of podTemplate.volumes"),
+    ("pod-mount-dev-shm", patch({"spec.podTemplate.volumes": [{"name": "v", "emptyDir": {}}],
+                                 "spec.podTemplate.volumeMounts": [{"name": "v", "mountPath": "/dev/shm"}]}),
+     "spec.podTemplate.volumeMounts", "mount elsewhere"),
+    ("pod-label-reserved", patch({"spec.podTemplate.labels": {"ray.io/cluster": "x"}}), "spec.podTemplate.labels", "use other keys"),
+    ("queue-name-invalid", patch({"spec.queueName": "GPU Queue"}), "spec.queueName", "DNS-1123"),
+    ("packing-for-classification", patch({"spec.dataset.packing": True}), "spec.dataset.packing", "packing is for causal-lm"),
+    ("workers-per-node-with-gpus", patch({"spec.resources.gpusPerNode": 4, "spec.resources.workersPerNode": 2}),
+     "spec.resources.workersPerNode", "one worker per GPU"),
+    ("attention-unknown", patch({"spec.model.attention": "flash"}), "spec.model.attention", "'auto', 'sdpa', 'flash_attention_2' or 'eager'"),
+    ("architecture-for-text", patch({"spec.model.architecture": "resnet50"}), "spec.model.architecture", "for image-classification"),
+    ("image-with-text-column", patch(IMAGE, {"spec.dataset.textColumn": "caption"}), "spec.dataset", "reads imageColumn and labelColumn"),
+    ("image-size-for-text", patch({"spec.dataset.imageSize": 128}), "spec.dataset.imageColumn", "are for image-classification"),
+    ("label-smoothing-for-causal-lm", patch(CAUSAL, {"spec.training.labelSmoothing": 0.1}), "spec.training.labelSmoothing",
+     "is for classification"),
+    ("image-lora-without-targets", patch(IMAGE, {"spec.method.type": "lora"}), "spec.method.lora.targetModules", "peft has no default"),
+    ("image-without-labels", patch(IMAGE, {"spec.model.labels": DELETE}), "spec.model.labels", "classification needs labels"),
+    ("test-and-testSplit", patch({"spec.dataset.test": "t.jsonl", "spec.dataset.testSplit": 0.1}), "spec.dataset.testSplit",
+     "not both"),
+    ("splits-leave-no-train", patch({"spec.dataset.validationSplit": 0.5, "spec.dataset.testSplit": 0.5}), "spec.dataset.testSplit",
+     "must leave rows to train on"),
+    ("layerwise-decay-above-1", patch({"spec.training.layerwiseLrDecay": 1.5}), "spec.training.layerwiseLrDecay",
+     "less than or equal to 1"),
+    ("architecture-with-spaces", patch(IMAGE, {"spec.model.architecture": "efficient net"}), "spec.model.architecture",
+     "should match pattern"),
+    ("preference-beta-0", patch(PREFERENCE, {"spec.training.preference": {"beta": 0}}), "spec.training.preference.beta",
+     "greater than 0"),
+    ("preference-with-labels", patch({"spec.model.task": "preference"}), "spec.model.labels",
+     "remove them for causal-lm and preference"),
+    ("preference-unknown-loss", patch(PREFERENCE, {"spec.training.preference": {"loss": "hinge"}}),
+     "spec.training.preference.loss", "'sigmoid' or 'ipo'"),
+    ("preference-reference-ftp", patch(PREFERENCE, {"spec.training.preference": {"referenceModel": "ftp://host/model"}}),
+     "spec.training.preference.referenceModel", "referenceModel must be a Hugging Face id"),
+    ("preference-with-text-column", patch(PREFERENCE, {"spec.dataset.textColumn": "text"}), "spec.dataset",
+     "preference reads promptColumn, chosenColumn and rejectedColumn"),
+    ("chosen-column-for-causal-lm", patch(CAUSAL, {"spec.dataset.chosenColumn": "good"}), "spec.dataset.chosenColumn",
+     "are for task preference"),
+    ("preference-settings-for-classification", patch({"spec.training.preference": {"beta": 0.5}}), "spec.training.preference",
+     "is for task preference"),
+    ("preference-label-smoothing", patch(PREFERENCE, {"spec.training.labelSmoothing": 0.1}), "spec.training.labelSmoothing",
+     "training.preference.labelSmoothing"),
+    ("preference-early-stopping-perplexity", patch(PREFERENCE, {"spec.training.evalEvery": 5,
+                                                                "spec.training.earlyStopping": {"metric": "eval_perplexity"}}),
+     "spec.training.earlyStopping.metric", "preference: eval_loss, eval_rewards_chosen"),
+    ("preference-label-smoothing-0.6", patch(PREFERENCE, {"spec.training.preference": {"labelSmoothing": 0.6}}),
+     "spec.training.preference.labelSmoothing", "at most 0.5"),
+    ("mlflow-uri-not-http", patch({"spec.tracking": {"mlflow": {"trackingUri": "mlflow.example.com"}}}),
+     "spec.tracking.mlflow.trackingUri", "http(s):// URL"),
+    ("mlflow-without-uri", patch({"spec.tracking": {"mlflow": {"experiment": "x"}}}), "spec.tracking.mlflow.trackingUri", "required"),
+    ("preference-packing", patch(PREFERENCE, {"spec.dataset.packing": True}), "spec.dataset.packing", "packing is for causal-lm"),
 ]
 CASES = {case[0]: case for case in MALFORMED}
 
@@ -248,6 +316,7 @@ def test_defaults_are_filled():
     assert spec.deepspeed.zero_stage == 2
     assert spec.training.micro_batch_size == 8
     assert spec.resources.workers == 1
+    assert (spec.resources.head.cpu, spec.resources.head.memory) == ("250m", "4Gi")
     assert spec.output.format == "merged"
 
 

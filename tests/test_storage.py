@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from conftest import S3_KEY_ID, S3_SECRET, TINY_BERT, S3Server, job_doc, write_label_data
+from finetune_api.status import Progress
 
 pytestmark = pytest.mark.training
 
@@ -74,6 +75,11 @@ class Bucket:
         except self.client.exceptions.NoSuchKey:
             return None
 
+    def progress(self, run: str) -> Progress | None:
+        """<run>/progress.json, as the models read it."""
+        doc = self.json(f"{run}/progress.json")
+        return None if doc is None else Progress.model_validate(doc)
+
     def upload(self, local: Path, prefix: str) -> str:
         files = [local] if local.is_file() else [f for f in local.rglob("*") if f.is_file()]
         for f in files:
@@ -111,8 +117,8 @@ def wait_for(predicate, run: Run, timeout: float = 300, what: str = "condition")
     raise AssertionError(f"timed out waiting for {what}:\n{run.output[-3000:]}")
 
 
-def progress_of(bucket: Bucket, name: str):
-    return bucket.json(f"runs/{name}/progress.json")
+def progress_of(bucket: Bucket, name: str) -> Progress | None:
+    return bucket.progress(f"runs/{name}")
 
 
 def checkpoint_step(uri: str) -> int:
@@ -153,9 +159,9 @@ def test_model_and_data_from_s3_everything_into_the_bucket_no_credentials_anywhe
         keys = bucket.keys("runs/from-s3/")
         assert {k.split("/")[2] for k in keys if "/checkpoint_0" in k} == {"checkpoint_00000004", "checkpoint_00000008"}
         progress = progress_of(bucket, "from-s3")
-        assert progress["state"] == "Succeeded" and progress["step"] == 8
-        assert progress["model_uri"] == "s3://e2e/runs/from-s3/output/model"
-        assert progress["latest_checkpoint"] == "s3://e2e/runs/from-s3/checkpoint_00000008"
+        assert progress.state == "Succeeded" and progress.step == 8
+        assert progress.model_uri == "s3://e2e/runs/from-s3/output/model"
+        assert progress.latest_checkpoint == "s3://e2e/runs/from-s3/checkpoint_00000008"
         metrics = bucket.json("runs/from-s3/output/metrics.json")
         assert metrics["steps"] == 8 and "runs/from-s3/output/loss.png" in keys
 
@@ -170,7 +176,7 @@ def test_model_and_data_from_s3_everything_into_the_bucket_no_credentials_anywhe
         assert failed.wait() == 2
         assert "spec.dataset.train: s3://e2e/data/missing.jsonl: no such object or folder" in failed.output
 
-        texts = {"run output": run.output, "error output": failed.output, "progress.json": json.dumps(progress), "metrics.json": json.dumps(metrics)}
+        texts = {"run output": run.output, "error output": failed.output, "progress.json": progress.model_dump_json(), "metrics.json": json.dumps(metrics)}
         texts.update({str(f): f.read_text(errors="replace") for f in ray_tmp.rglob("*.log") if f.is_file()})
         texts.update({str(f): f.read_text(errors="replace") for f in ray_tmp.rglob("*.out") if f.is_file()})
         texts.update({str(f): f.read_text(errors="replace") for f in ray_tmp.rglob("*.err") if f.is_file()})
@@ -186,16 +192,16 @@ def test_a_killed_worker_resumes_from_the_latest_checkpoint(tmp_path, s3, s3_env
     bucket = Bucket(s3, "worker-kill")
     spec = s3_manifest(tmp_path, s3, bucket.name, "worker-kill", checkpointing={"everySteps": 5, "maxFailures": 2})
     run = Run(spec, s3_env)
-    wait_for(lambda: (p := progress_of(bucket, "worker-kill")) and p.get("latest_checkpoint"), run, what="the first checkpoint")
+    wait_for(lambda: (p := progress_of(bucket, "worker-kill")) and p.latest_checkpoint, run, what="the first checkpoint")
     worker = wait_for(lambda: run.workers(), run, what="a training worker process")[0]
     worker.kill()
     assert run.wait() == 0, run.output[-5000:]
 
     progress = progress_of(bucket, "worker-kill")
-    assert progress["state"] == "Succeeded" and progress["step"] == 30
-    (resume,) = progress["resumes"]
-    assert resume["step"] >= 5 and checkpoint_step(resume["checkpoint"]) == resume["step"]
-    assert f"resumed from {resume['checkpoint']} at step {resume['step']}" in run.output
+    assert progress.state == "Succeeded" and progress.step == 30
+    (resume,) = progress.resumes
+    assert resume.step >= 5 and checkpoint_step(resume.checkpoint) == resume.step
+    assert f"resumed from {resume.checkpoint} at step {resume.step}" in run.output
     # Training history comes from the checkpoint: had steps before it run again, they would
     # appear twice; the steps after it were trained once more and recorded once.
     steps = [e["step"] for e in bucket.json("runs/worker-kill/output/metrics.json")["train"]]
@@ -206,15 +212,15 @@ def test_a_killed_run_resumes_from_the_latest_complete_checkpoint(tmp_path, s3, 
     bucket = Bucket(s3, "driver-kill")
     spec = s3_manifest(tmp_path, s3, bucket.name, "driver-kill", checkpointing={"everySteps": 5})
     first = Run(spec, s3_env)
-    wait_for(lambda: (p := progress_of(bucket, "driver-kill")) and p.get("latest_checkpoint"), first, what="a checkpoint")
+    wait_for(lambda: (p := progress_of(bucket, "driver-kill")) and p.latest_checkpoint, first, what="a checkpoint")
     first.kill_everything()
-    latest = progress_of(bucket, "driver-kill")["latest_checkpoint"]
+    latest = progress_of(bucket, "driver-kill").latest_checkpoint
 
     again = Run(spec, s3_env)
     assert again.wait() == 0, again.output[-5000:]
     progress = progress_of(bucket, "driver-kill")
-    assert progress["state"] == "Succeeded" and progress["step"] == 30
-    assert progress["resumes"][-1]["checkpoint"] == latest
+    assert progress.state == "Succeeded" and progress.step == 30
+    assert progress.resumes[-1].checkpoint == latest
     assert f"resumed from {latest} at step {checkpoint_step(latest)}" in again.output
 
 
@@ -222,23 +228,22 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step_and_the_next_run_resumes
     bucket = Bucket(s3, "sigterm")
     spec = s3_manifest(tmp_path, s3, bucket.name, "sigterm", checkpointing={"gracePeriodSeconds": 120})
     run = Run(spec, s3_env)
-    seen = wait_for(lambda: ((p := progress_of(bucket, "sigterm")) or {}).get("step", 0) >= 5 and p["step"], run,
-                    what="step 5")
+    seen = wait_for(lambda: (p := progress_of(bucket, "sigterm")) and (p.step or 0) >= 5 and p.step, run, what="step 5")
     run.proc.send_signal(signal.SIGTERM)
     assert run.wait(timeout=180) == 143, run.output[-5000:]
     assert "preempted at step" in run.output
 
     progress = progress_of(bucket, "sigterm")
-    assert progress["state"] == "Preempted"
+    assert progress.state == "Preempted"
     # The only checkpoint is the one SIGTERM asked for (no periodic ones), at the step reached.
-    (checkpoint,) = progress["checkpoints"]
-    assert checkpoint["step"] == progress["step"] >= seen
-    assert progress["latest_checkpoint"] == checkpoint["uri"]
+    (checkpoint,) = progress.checkpoints
+    assert checkpoint.step == progress.step >= seen
+    assert progress.latest_checkpoint == checkpoint.uri
 
     again = Run(spec, s3_env)
     assert again.wait() == 0, again.output[-5000:]
-    assert f"resumed from {checkpoint['uri']} at step {checkpoint['step']}" in again.output
-    assert progress_of(bucket, "sigterm")["step"] == 30
+    assert f"resumed from {checkpoint.uri} at step {checkpoint.step}" in again.output
+    assert progress_of(bucket, "sigterm").step == 30
 
 
 def test_storage_outage_fails_clearly_and_keeps_the_last_complete_checkpoint_latest(tmp_path, s3_env):
@@ -251,7 +256,7 @@ def test_storage_outage_fails_clearly_and_keeps_the_last_complete_checkpoint_lat
             storage={"timeoutSeconds": 1, "maxAttempts": 2},
         )
         run = Run(spec, s3_env)
-        wait_for(lambda: (p := progress_of(bucket, "outage")) and p.get("latest_checkpoint"), run, what="a checkpoint")
+        wait_for(lambda: (p := progress_of(bucket, "outage")) and p.latest_checkpoint, run, what="a checkpoint")
         server.pause()
         try:
             code = run.wait(timeout=300)
@@ -260,10 +265,10 @@ def test_storage_outage_fails_clearly_and_keeps_the_last_complete_checkpoint_lat
         assert code == 1, run.output[-5000:]
         assert "outage failed: storage error (s3://outage/runs): " in run.output, run.output[-5000:]
 
-        latest = progress_of(bucket, "outage")["latest_checkpoint"]
+        latest = progress_of(bucket, "outage").latest_checkpoint
         again = Run(spec, s3_env)
         assert again.wait() == 0, again.output[-5000:]
         assert f"resumed from {latest} at step {checkpoint_step(latest)}" in again.output
-        assert progress_of(bucket, "outage")["state"] == "Succeeded"
+        assert progress_of(bucket, "outage").state == "Succeeded"
     finally:
         server.stop()

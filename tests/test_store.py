@@ -81,3 +81,37 @@ def test_a_run_folder_refuses_a_different_training(tmp_path):
     changed = make_job("same", tmp_path, TINY_LLAMA, training={"lr": 0.5})
     with pytest.raises(ValueError, match=r"different spec \(changed: training\).*--restart"):
         launch.check_same_run(changed, paths)
+
+
+def test_the_same_data_under_another_path_is_the_same_run(tmp_path):
+    """A second clone of the repository: same spec, same bytes, another absolute path."""
+    job = make_job("clone", tmp_path, TINY_LLAMA)
+    paths = paths_for(job)
+    launch.check_same_run(job, paths)
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    (clone / "data.jsonl").write_bytes((tmp_path / "data.jsonl").read_bytes())
+    moved = job.model_copy(deep=True)
+    moved.spec.dataset.train = str(clone / "data.jsonl")
+    launch.check_same_run(moved, paths)
+    (clone / "data.jsonl").write_text((tmp_path / "data.jsonl").read_text().replace("cat", "cow"))
+    with pytest.raises(ValueError, match=r"changed: dataset"):
+        launch.check_same_run(moved, paths)
+
+
+@pytest.mark.parametrize("stage, refused", [(2, True), (3, True), (0, False)])
+def test_a_resize_that_the_checkpoints_cannot_follow_is_refused_naming_resources(tmp_path, stage, refused):
+    from finetune_api.status import Progress
+    from finetune_train.progress import write_progress
+
+    job = make_job("resize", tmp_path, TINY_LLAMA, deepspeed={"zeroStage": stage})  # 2 workers
+    paths = paths_for(job)
+    launch.check_same_run(job, paths)
+    launch.check_same_run(job, paths, workers=1)  # no checkpoint yet: any size
+    launch.check_same_run(job, paths)
+    write_progress(paths.store, paths.progress, Progress(latest_checkpoint=f"{paths.run}/checkpoint_00000004"))
+    if refused:  # ZeRO partitions the optimizer state by worker
+        with pytest.raises(launch.RunMismatch, match=r"^spec.resources: the checkpoints of run resize were written by 2 workers"):
+            launch.check_same_run(job, paths, workers=1)
+    else:
+        launch.check_same_run(job, paths, workers=1)

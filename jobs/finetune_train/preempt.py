@@ -59,7 +59,7 @@ def requested(run: str) -> bool:
 
 
 class Watcher:
-    """Worker side: `due()` turns true on every rank at the same step once a stop is requested."""
+    """Worker side: `sync()` says stop on every rank at the same step once a stop is requested."""
 
     def __init__(self, run: str, device):
         self.device, self._local = device, threading.Event()
@@ -71,10 +71,12 @@ class Watcher:
         ray.get(self._signal.wait_requested.remote())
         self._local.set()
 
-    def due(self) -> bool:
-        # Ranks see the request at different moments; MAX makes them stop at the same step.
-        flag = torch.tensor([int(self._local.is_set())], device=self.device)
+    def sync(self, count: float) -> tuple[bool, float]:
+        """(stop now, `count` summed over the ranks): one all-reduce per step serves both, the
+        preemption check and the step's target count the loss is normalised by. Ranks see a
+        stop request at different moments; the sum makes them all stop at the same step."""
+        t = torch.tensor([float(self._local.is_set()), count], dtype=torch.float64, device=self.device)
         if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
+            dist.all_reduce(t)
+        stop, total = t.tolist()
+        return stop > 0, total

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from functools import cached_property
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -33,7 +33,16 @@ CACHE = Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune
 
 
 class StorageError(OSError):
-    """Storage that cannot be read or written; the message names the URI, never credentials."""
+    """Storage that cannot be read or written; the message names the URI, never credentials.
+    `permanent`: the store refused (no such bucket, credentials refused), which no retry cures."""
+
+    def __init__(self, message: str, permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
+
+
+# S3 error codes that mean the spec or its Secret is wrong, not that storage is unwell.
+PERMANENT_ERRORS = ("NoSuchBucket", "InvalidBucketName", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch")
 
 
 def is_s3(uri: str | None) -> bool:
@@ -75,8 +84,8 @@ class RunPaths:
         return join(self.run, "output")
 
 
-def paths_for(job: FineTuneJob, storage_uri: str | None = None, credentials: dict[str, str] | None = None) -> RunPaths:
-    return RunPaths(normalize(storage_uri or job.spec.storage.uri), job.run_name, Store.of(job.spec.storage, credentials))
+def paths_for(job: FineTuneJob, storage_uri: str | None = None) -> RunPaths:
+    return RunPaths(normalize(storage_uri or job.spec.storage.uri), job.run_name, Store.of(job.spec.storage))
 
 
 def split_s3(uri: str) -> tuple[str, str]:
@@ -87,23 +96,22 @@ def split_s3(uri: str) -> tuple[str, str]:
 @dataclass(frozen=True)
 class Store:
     """The S3 settings of a spec (endpoint, region, addressing, timeouts, retries). Credentials
-    come from the standard AWS chain, except where a caller that read them from a Kubernetes
-    Secret (the operator) passes them; those are never printed or pickled."""
+    come from the standard AWS chain (on Kubernetes: the Secret's keys as AWS_* variables) and
+    are never printed."""
 
     endpoint: str | None = None
     region: str | None = None
     path_style: bool | None = None
     timeout_seconds: int = 30
     max_attempts: int = 8
-    credentials: dict[str, str] | None = field(default=None, repr=False, compare=False)  # boto3 client keyword args
 
     @classmethod
-    def of(cls, spec: StorageSpec, credentials: dict[str, str] | None = None) -> Store:
-        return cls(spec.endpoint, spec.region, spec.path_style, spec.timeout_seconds, spec.max_attempts, credentials)
+    def of(cls, spec: StorageSpec) -> Store:
+        return cls(spec.endpoint, spec.region, spec.path_style, spec.timeout_seconds, spec.max_attempts)
 
     def __getstate__(self):
-        # Only the settings travel to other processes; each makes its own clients.
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "credentials"}
+        # Only the settings travel to other processes (not the cached clients); each makes its own.
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @property
     def _path_style(self) -> bool:
@@ -130,7 +138,6 @@ class Store:
 
         return boto3.session.Session().client(
             "s3",
-            **(self.credentials or {}),
             endpoint_url=self.endpoint,
             region_name=self.region or ("us-east-1" if self.endpoint else None),
             config=Config(
@@ -247,7 +254,8 @@ class Store:
             return [(o["Key"], o["ETag"], o["Size"]) for page in pages for o in page.get("Contents", ()) if not o["Key"].endswith("/")]
 
     def exists(self, uri: str) -> bool:
-        return bool(self._objects(uri))
+        """An object or a folder with objects under it (a file or folder, locally)."""
+        return bool(self._objects(uri)) if is_s3(uri) else Path(uri).exists()
 
     def local_copy(self, uri: str) -> str:
         """A local path for an input: s3:// objects and folders are downloaded once per node
@@ -318,4 +326,5 @@ def _named(uri: str):
     except (StorageError, FileNotFoundError):
         raise
     except (OSError, BotoCoreError, ClientError, S3UploadFailedError) as err:
-        raise StorageError(f"{uri}: {_reason(err)}") from None
+        code = err.response.get("Error", {}).get("Code") if isinstance(err, ClientError) else None
+        raise StorageError(f"{uri}: {_reason(err)}", permanent=code in PERMANENT_ERRORS) from None

@@ -30,7 +30,6 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +38,12 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from finetune_api.spec import API_VERSION, FineTuneJob, ObjectMeta
+from finetune_api.status import BestTrial, Progress, State, TrialRecord
 from finetune_api.sweep import FineTuneSweep, SearchParam
 from finetune_train import launch, preempt
+from finetune_train.progress import HEARTBEAT_SECONDS, Reporter, Target, write_progress
 from finetune_train.storage import RunPaths, Store, StorageError, join, normalize
+from finetune_train.tracking import Tracker, flatten
 
 log = logging.getLogger("finetune.sweep")
 
@@ -147,7 +149,8 @@ class TrialReporter(TuneReportCallback):
             ray.get(self.board.register.remote(self.name, ray.get_runtime_context().current_actor))
             self.registered = True
         self.board.step.remote(self.name, latest["step"], latest["total_steps"])
-        evaluation = self.metric in latest and not latest.get("preempted")
+        # Step 0 is the evaluation before training: the same model in every trial, no rung.
+        evaluation = self.metric in latest and not latest.get("preempted") and latest["step"] > 0
         if evaluation and (latest.get("exported") or latest["step"] < latest["total_steps"]):
             self.evaluations += 1
             super().after_report(run_context, [{**latest, EVALUATIONS: self.evaluations}], checkpoint)
@@ -157,8 +160,9 @@ class TrialFailed(RuntimeError):
     pass
 
 
-def _trial_fn(sweep: FineTuneSweep, root: str, store: Store, metric: str, board, local: bool):
-    """The Tune function trainable: one trial = one FineTuneJob trained by Ray Train."""
+def _trial_fn(sweep: FineTuneSweep, root: str, store: Store, metric: str, board, local: bool, parent: str | None):
+    """The Tune function trainable: one trial = one FineTuneJob trained by Ray Train, tracked
+    in a run nested in the sweep's (`parent`, its MLflow run id)."""
 
     def trial(config: dict) -> None:
         from ray.exceptions import RayActorError
@@ -172,14 +176,15 @@ def _trial_fn(sweep: FineTuneSweep, root: str, store: Store, metric: str, board,
             job = trial_job(sweep, name, params)
             paths = RunPaths(root, name, store)
             launch.check_same_run(job, paths)
-            trainer = launch.trainer_for(job, paths, local=local, callbacks=[TrialReporter(name, metric, board)], signal=sweep.run_name)
+            trainer = launch.trainer_for(job, paths, local=local, callbacks=[TrialReporter(name, metric, board)], signal=sweep.run_name,
+                                         tracker=Tracker.open(job, paths, parent=parent))
             trainer.fit()
         except RayActorError:
             if ray.get(board.was_stopped.remote(name)):
                 return  # the driver aborted this trial's Train run: ASHA stopped it
             raise
         except TrainingFailedError as err:
-            message = launch.failure_message(err, root)
+            message, _ = launch.failure(err, root)
             ray.get(board.fail.remote(name, message))
             raise TrialFailed(message) from None
         except Exception as err:
@@ -192,13 +197,13 @@ def _trial_fn(sweep: FineTuneSweep, root: str, store: Store, metric: str, board,
 # ---- what the driver records, and how it stops a trial
 
 
-def _best(trials: list[dict], mode: str) -> dict | None:
+def _best(trials: list[TrialRecord], mode: str) -> BestTrial | None:
     """The best trial that finished (its metric is its final evaluation: like with like)."""
-    done = [t for t in trials if t["state"] == "Succeeded" and t["metric"] is not None]
+    done = [t for t in trials if t.state == State.SUCCEEDED and t.metric is not None]
     if not done:
         return None
-    best = (max if mode == "max" else min)(done, key=lambda t: t["metric"])
-    return {"name": best["name"], "params": best["params"], "metric": best["metric"]}
+    best = (max if mode == "max" else min)(done, key=lambda t: t.metric)
+    return BestTrial(name=best.name, params=best.params, metric=best.metric)
 
 
 class SweepTracker(tune.Callback):
@@ -207,9 +212,10 @@ class SweepTracker(tune.Callback):
     stops before Tune goes on. A trial that ends unexported while the sweep is being preempted
     is Preempted: its checkpoint is where the next run of the sweep continues it."""
 
-    def __init__(self, sweep: FineTuneSweep, root: str, store: Store, metric: str, board):
+    def __init__(self, sweep: FineTuneSweep, root: str, store: Store, metric: str, board, reporter: Reporter | None = None):
         self.sweep, self.root, self.store, self.metric, self.board = sweep, root, store, metric, board
-        self.trials: dict[str, dict] = {}
+        self.reporter = reporter  # pushes the sweep's progress to the operator (Kubernetes)
+        self.trials: dict[str, TrialRecord] = {}
         self.history: dict[str, list[tuple[int, float]]] = {}  # (step, metric) of every evaluation
         self.exported: set[str] = set()
         self.last_written: dict | None = None
@@ -217,37 +223,42 @@ class SweepTracker(tune.Callback):
 
     # -- the progress document
 
-    def progress(self, state: str = "Running", **extra) -> dict:
-        trials = [dict(self.trials[n]) for n in sorted(self.trials)]
-        return {
-            "kind": "sweep", "state": state, "updated": time.time(), "max_trials": self.sweep.spec.max_trials,
-            "metric": self.metric, "mode": self.sweep.spec.direction, "trials": trials,
-            "best_trial": _best(trials, self.sweep.spec.direction), **extra,
-        }
+    def progress(self, state: State = State.RUNNING, **extra) -> Progress:
+        trials = [self.trials[n].model_copy() for n in sorted(self.trials)]
+        return Progress(
+            kind="sweep", state=state, updated=time.time(), max_trials=self.sweep.spec.max_trials, metric=self.metric,
+            mode=self.sweep.spec.direction, trials=trials, best_trial=_best(trials, self.sweep.spec.direction), **extra,
+        )
 
-    def write(self, state: str = "Running", **extra) -> dict:
-        doc = self.progress(state, **extra)
-        unchanged = {k: v for k, v in doc.items() if k != "updated"}
+    def write(self, state: State = State.RUNNING, **extra) -> Progress:
+        progress = self.progress(state, **extra)
+        unchanged = progress.wire() | {"updated": None}
         if unchanged != self.last_written:
             try:
-                self.store.write_json(join(self.root, "progress.json"), doc)
+                write_progress(self.store, join(self.root, "progress.json"), progress)
                 self.last_written = unchanged
             except StorageError as err:  # status lags behind; the sweep goes on
                 log.warning("progress.json not written: %s", err)
-        return doc
+            if self.reporter is not None:
+                self.reporter.report(progress)
+        return progress
 
-    def _set(self, trial, **fields) -> dict:
+    def _set(self, trial, **fields) -> TrialRecord:
         name = trial_name(self.sweep.name, trial.trial_id)
-        entry = self.trials.setdefault(name, {
-            "name": name, "params": {p: _plain(trial.config.get(p)) for p in self.sweep.spec.search_space},
-            "state": "Pending", "step": 0, "total_steps": None, "metric": None, "error": None,
-        })
-        entry.update(fields)
+        entry = self.trials.setdefault(name, TrialRecord(
+            name=name, params={p: _plain(trial.config.get(p)) for p in self.sweep.spec.search_space}))
+        for key, value in fields.items():
+            setattr(entry, key, value)
         return entry
 
-    def _finish(self, name: str, state: str, error: str | None = None) -> None:
-        """The trial's own progress.json ends in its final state, as a FineTuneJob's does."""
-        launch.finish_progress(RunPaths(self.root, name, self.store), state, error)
+    def _finish(self, name: str, state: State, error: str | None = None) -> None:
+        """The trial's own progress.json ends in its final state, as a FineTuneJob's does, and
+        so does its tracked run (early-stopped trials tagged)."""
+        paths = RunPaths(self.root, name, self.store)
+        tracker = Tracker.continued(self.sweep.spec.template.tracking, paths)
+        if tracker is not None:
+            tracker.close(state, tags={"finetune.early_stopped": str(state == State.EARLY_STOPPED).lower()}, register=False)
+        launch.finish_progress(paths, state, error)
 
     # -- Tune's events
 
@@ -256,39 +267,37 @@ class SweepTracker(tune.Callback):
         self.write()
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._set(trial, state="Running")
+        self._set(trial, state=State.RUNNING)
         self.write()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         entry = self._set(trial, step=result["step"], total_steps=result["total_steps"], metric=result.get(self.metric))
-        self.history.setdefault(entry["name"], []).append((result["step"], result.get(self.metric)))
+        self.history.setdefault(entry.name, []).append((result["step"], result.get(self.metric)))
         if result.get("exported"):
-            self.exported.add(entry["name"])
+            self.exported.add(entry.name)
         elif result.get("done"):  # the scheduler decided to stop this trial; Tune acts after this returns
-            self._abort(entry["name"])
-            entry["state"] = "EarlyStopped"
-            self._finish(entry["name"], "EarlyStopped")
+            self._abort(entry.name)
+            entry.state = State.EARLY_STOPPED
+            self._finish(entry.name, State.EARLY_STOPPED)
         self.write()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         entry = self._set(trial)
-        if entry["state"] != "EarlyStopped":
-            if entry["name"] in self.exported:
-                entry["state"] = "Succeeded"
-                self._finish(entry["name"], "Succeeded")
+        if entry.state != State.EARLY_STOPPED:
+            if entry.name in self.exported:
+                entry.state = State.SUCCEEDED
             elif preempt.requested(self.sweep.run_name):
-                entry["state"] = "Preempted"
-                self._finish(entry["name"], "Preempted")
+                entry.state = State.PREEMPTED
             else:
-                entry.update(state="Failed", error="the trial ended without exporting a model")
-                self._finish(entry["name"], "Failed", entry["error"])
+                entry.state, entry.error = State.FAILED, "the trial ended without exporting a model"
+            self._finish(entry.name, entry.state, entry.error)
         self.write()
 
     def on_trial_error(self, iteration, trials, trial, **info):
         entry = self._set(trial)
         _, errors = ray.get(self.board.snapshot.remote())
-        entry.update(state="Failed", error=errors.get(entry["name"]) or _tune_error(trial))
-        self._finish(entry["name"], "Failed", entry["error"])
+        entry.state, entry.error = State.FAILED, errors.get(entry.name) or _tune_error(trial)
+        self._finish(entry.name, State.FAILED, entry.error)
         self.write()
 
     def on_step_end(self, iteration, trials, **info):
@@ -299,8 +308,8 @@ class SweepTracker(tune.Callback):
         steps, _ = ray.get(self.board.snapshot.remote())
         for name, (step, total) in steps.items():
             entry = self.trials.get(name)
-            if entry is not None and entry["state"] == "Running" and step >= entry["step"]:
-                entry.update(step=step, total_steps=total)
+            if entry is not None and entry.state == State.RUNNING and step >= entry.step:
+                entry.step, entry.total_steps = step, total
         self.write()
 
     def _abort(self, name: str) -> None:
@@ -331,25 +340,6 @@ def _tune_error(trial) -> str:
 # ---- the search
 
 
-@dataclass
-class SweepOutcome:
-    state: str  # Succeeded, Preempted or Failed
-    progress: dict  # the final progress.json
-    root: str
-
-    @property
-    def error(self) -> str | None:
-        return self.progress.get("error")
-
-    @property
-    def best_trial(self) -> dict | None:
-        return self.progress.get("best_trial")
-
-    @property
-    def model_uri(self) -> str | None:
-        return self.progress.get("model_uri")
-
-
 def _evaluations_per_trial(sweep: FineTuneSweep) -> int | None:
     t = sweep.spec.template.training
     if t.max_steps is None or t.eval_every is None:
@@ -372,10 +362,11 @@ def scheduler_for(sweep: FineTuneSweep):
     )
 
 
-def run_sweep(sweep: FineTuneSweep, storage_uri: str | None = None, local: bool = True) -> SweepOutcome:
+def run_sweep(sweep: FineTuneSweep, storage_uri: str | None = None, local: bool = True, target: Target | None = None) -> Progress:
     """Run every trial of the sweep on the Ray this process is connected to; progress.json
-    ends in Succeeded (with the best trial's model in <root>/best/), Preempted (SIGTERM: the
-    running trials checkpointed and stopped, no new one started) or Failed."""
+    (also pushed to `target`, see progress.py) ends in Succeeded (with the best trial's model
+    in <root>/best/), Preempted (SIGTERM: the running trials checkpointed and stopped, no new
+    one started) or Failed; that final progress is returned."""
     from ray.tune.search import BasicVariantGenerator
 
     spec = sweep.spec
@@ -385,11 +376,15 @@ def run_sweep(sweep: FineTuneSweep, storage_uri: str | None = None, local: bool 
     board = TrialBoard.remote()
     ray.get(board.snapshot.remote())  # started before Tune's loop asks it anything
     preemption = launch.Preemption(sweep.run_name, spec.template.checkpointing.grace_period_seconds)
-    tracker = SweepTracker(sweep, root, store, metric, board)
+    reporter = Reporter(target, heartbeat=HEARTBEAT_SECONDS) if target else None
+    tracker = SweepTracker(sweep, root, store, metric, board, reporter)
     tracker.write()
+    settings = {k: v for k, v in sweep.spec.wire().items() if k != "template"}
+    tracking = Tracker.open(trial_job(sweep, sweep.name, {}), RunPaths(normalize(storage_uri or spec.template.storage.uri),
+                            sweep.run_name, store), params=flatten(settings), output=join(root, "best"))
     fs, fs_root = store.filesystem(root)
     tuner = tune.Tuner(
-        tune.with_resources(_trial_fn(sweep, root, store, metric, board, local), TRIAL_DRIVER_RESOURCES),
+        tune.with_resources(_trial_fn(sweep, root, store, metric, board, local, tracking and tracking.run_id), TRIAL_DRIVER_RESOURCES),
         param_space=param_space(spec.search_space),
         tune_config=tune.TuneConfig(
             metric=metric,
@@ -411,6 +406,7 @@ def run_sweep(sweep: FineTuneSweep, storage_uri: str | None = None, local: bool 
     slow_warnings = logging.getLogger("ray.tune.utils.util")
     level = slow_warnings.level
     slow_warnings.setLevel(logging.ERROR)
+    final = None
     try:
         try:
             with preemption:
@@ -420,25 +416,33 @@ def run_sweep(sweep: FineTuneSweep, storage_uri: str | None = None, local: bool 
                 raise
         if preemption.requested:
             for t in tracker.trials.values():
-                if t["state"] == "Running":  # the grace period ran out before its checkpoint
-                    t["state"] = "Preempted"
-            return SweepOutcome("Preempted", tracker.write("Preempted"), root)
-        best = tracker.progress()["best_trial"]
+                if t.state == State.RUNNING:  # the grace period ran out before its checkpoint
+                    t.state = State.PREEMPTED
+            final = tracker.write(State.PREEMPTED)
+            return final
+        best = tracker.progress().best_trial
         if best is None:
-            errors = [f"{t['name']}: {t['error']}" for t in tracker.trials.values() if t["error"]]
+            errors = [f"{t.name}: {t.error}" for t in tracker.trials.values() if t.error]
             raise TrialFailed("no trial finished with a value of " + metric + ("; " + "; ".join(errors) if errors else ""))
-        model_uri = export_best(sweep, root, store, best["name"], tracker)
-        final = tracker.write("Succeeded", model_uri=model_uri)
-        return SweepOutcome("Succeeded", final, root)
+        model_uri = export_best(sweep, root, store, best.name, tracker)
+        final = tracker.write(State.SUCCEEDED, model_uri=model_uri)
+        return final
     except (TrialFailed, StorageError, tune.TuneError) as err:
-        final = tracker.write("Failed", error=str(err) if isinstance(err, TrialFailed) else f"{type(err).__name__}: {err}")
-        return SweepOutcome("Failed", final, root)
+        final = tracker.write(State.FAILED, error=str(err) if isinstance(err, TrialFailed) else f"{type(err).__name__}: {err}")
+        return final
     except BaseException as err:
-        tracker.write("Failed", error=f"{type(err).__name__}: {err}")
+        final = tracker.write(State.FAILED, error=f"{type(err).__name__}: {err}")
         raise
     finally:
         slow_warnings.setLevel(level)
         ray.kill(board)
+        if tracking is not None and final is not None:
+            best = final.best_trial
+            if best is not None and best.metric is not None:
+                tracking.log({"step": 0, f"best_{metric}": best.metric})
+            tracking.close(final.state, tags={"finetune.best_trial": best.name} if best else {})
+        if reporter is not None:
+            reporter.close(final)
 
 
 # ---- best trial, its model, the summary plot
@@ -473,12 +477,12 @@ def plot_sweep(tracker: SweepTracker, best: str, path: Path) -> None:
         if not points:
             continue
         steps, values = zip(*points)
-        params = ", ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in t["params"].items())
-        label = f"{name.rsplit('-', 2)[-2]}-{name.rsplit('-', 1)[-1]} ({params}) {t['state']}" + (" · best" if name == best else "")
-        dashed = t["state"] == "EarlyStopped"
+        params = ", ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in t.params.items())
+        label = f"{name.rsplit('-', 2)[-2]}-{name.rsplit('-', 1)[-1]} ({params}) {t.state}" + (" · best" if name == best else "")
+        dashed = t.state == State.EARLY_STOPPED
         (line,) = ax.plot(steps, values, marker="o", linestyle="--" if dashed else "-", alpha=0.7 if dashed else 1.0,
                           linewidth=3 if name == best else 1.5, label=label)
-        if t["state"] == "EarlyStopped":
+        if dashed:
             ax.plot(steps[-1], values[-1], "X", markersize=12, color=line.get_color())
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(tracker.metric)

@@ -1,11 +1,15 @@
 """A real Kubernetes control plane on loopback: etcd, kube-apiserver, kube-controller-manager
-(garbage collection) and KubeRay's operator, for tests and `finetune cluster up`.
+(garbage collection) and KubeRay's operator, for tests and `finetune cluster up`; with
+`node=True` also a real node (node.py) and the apiserver on the node's address; with
+`kueue=True` also Kueue, queueing RayJobs.
 
 Modelled on controller-runtime's envtest (pkg/internal/testing/controlplane): a CA, a
 serving certificate for 127.0.0.1/localhost, a service-account signing key, client
 certificates in system:masters, RBAC authorization, free loopback ports, and all state
-(certificates, etcd data, kubeconfigs, logs, pids) under one state directory. There is no
-kubelet: pods stay Pending, which is enough to test what the API server and the operators do.
+(certificates, etcd data, kubeconfigs, logs, pids) under one state directory. Without a node
+there is no kubelet: pods stay Pending, which is enough to test what the API server and the
+operators do. A node adds Node,RBAC authorization, NodeRestriction and ServiceAccount admission (projected
+tokens), kubelet certificates, kube-scheduler and the controllers that running pods need.
 
 The binaries are built from Go modules by infra/build-controlplane.sh into a cache outside
 the repo (`build_binaries`). The processes run in their own sessions, so they outlive the
@@ -15,10 +19,12 @@ state.json, for `finetune cluster down`.
 
 from __future__ import annotations
 
+import base64
 import datetime
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -31,18 +37,39 @@ from typing import Any, Callable
 
 import yaml
 
+from finetune_cli import images
+from finetune_cli import node as nodes
+from finetune_cli.node import CLUSTER_DOMAIN, NODE_IP, NODE_NAME
+
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "infra" / "build-controlplane.sh"
 # KubeRay's CRDs as the chart installs them (read-only, beside the repo).
 SHARED_KUBERAY_CRDS = REPO.parent / "shared" / "kuberay-crds"
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kuberay-operator")
+NODE_BINARIES = ("kube-scheduler", "kubelet", "kube-proxy", "coredns")
 SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
 # kube-controller-manager runs only what a cluster without nodes needs: owner references
 # (garbage collection), namespace deletion and default service accounts.
 CONTROLLERS = "garbage-collector-controller,namespace-controller,serviceaccount-controller"
-DEFAULT_STATE_DIR = Path(
-    os.environ.get("FINETUNE_CLUSTER_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "finetune" / "cluster"
-)
+# ... and with a node, what running pods need: the not-ready taint lifted, Jobs (KubeRay's
+# submitter, Helm hooks), Deployments, Service endpoints, the CA ConfigMap in-cluster clients
+# read, finished-Job and orphaned-pod cleanup.
+NODE_CONTROLLERS = CONTROLLERS + "," + ",".join(f"{c}-controller" for c in (
+    "node-lifecycle", "taint-eviction", "job", "deployment", "replicaset", "endpointslice", "endpoints",
+    "root-ca-certificate-publisher", "ttl-after-finished", "pod-garbage-collector",
+))
+# Client certificates of the node's components (all in system:masters, like the others here,
+# but the kubelet's own); "kubelet-client" is the apiserver's, for logs and exec.
+NODE_USERS = ("kube-scheduler", "kube-proxy", "coredns", "kubelet-client")
+KUEUE_NAMESPACE = "kueue-system"
+KUEUE_WEBHOOK_SECRET = "kueue-webhook-server-cert"  # Kueue's default name
+# The CRDs that Kueue's release patches to convert their versions through its webhook
+# (config/components/crd/patches); its certificate rotator injects its CA into each.
+KUEUE_CONVERTED_CRDS = ("localqueues", "clusterqueues", "cohorts", "workloads", "multikueueclusters")
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "finetune"
+DEFAULT_STATE_DIR = Path(os.environ.get("FINETUNE_CLUSTER_DIR") or CACHE / "cluster")
+# containerd's root: imported images, kept across `cluster down` (a cache keyed by digest).
+DEFAULT_IMAGE_STORE = CACHE / "containerd"
 
 
 class ControlPlaneError(RuntimeError):
@@ -72,9 +99,10 @@ def free_port() -> int:
 # --- certificates -------------------------------------------------------------------
 
 
-def _pki(directory: Path) -> None:
+def _pki(directory: Path, node: bool = False) -> None:
     """CA, API server serving cert, service-account key pair and one client cert per
-    component, as PEM files in directory."""
+    component, as PEM files in directory; with node, the kubelet's serving and client certs
+    and the apiserver's client cert for the kubelet."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -124,19 +152,30 @@ def _pki(directory: Path) -> None:
         ca_cert.subject,
         usage=[ExtendedKeyUsageOID.SERVER_AUTH],
         sans=[
-            x509.DNSName("localhost"),
-            x509.DNSName("kubernetes.default.svc"),
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            *(x509.DNSName(n) for n in ("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
+                                         f"kubernetes.default.svc.{CLUSTER_DOMAIN}")),
+            *(x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", *([NODE_IP] if node else []))),
             x509.IPAddress(service_ip),
         ],
     )
-    for user in ("admin", "kube-controller-manager", "kuberay-operator"):
+
+    def client(name: str, user: str, group: str) -> None:
+        subject = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, group), x509.NameAttribute(NameOID.COMMON_NAME, user)]
+        issue(name, subject, ca_key, ca_cert.subject, usage=[ExtendedKeyUsageOID.CLIENT_AUTH])
+
+    users = ("admin", "kube-controller-manager", "kuberay-operator")
+    for user in users + (NODE_USERS if node else ()):
+        client(user, user, "system:masters")
+    if node:
+        # The Node authorizer and NodeRestriction know a kubelet by this name and group.
+        client("kubelet", f"system:node:{NODE_NAME}", "system:nodes")
         issue(
-            user,
-            [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "system:masters"), x509.NameAttribute(NameOID.COMMON_NAME, user)],
+            "kubelet-serving",
+            [x509.NameAttribute(NameOID.COMMON_NAME, NODE_NAME)],
             ca_key,
             ca_cert.subject,
-            usage=[ExtendedKeyUsageOID.CLIENT_AUTH],
+            usage=[ExtendedKeyUsageOID.SERVER_AUTH],
+            sans=[x509.DNSName(NODE_NAME), x509.IPAddress(ipaddress.ip_address(NODE_IP))],
         )
     sa_key = ec.generate_private_key(ec.SECP256R1())
     write_key("sa.key", sa_key)
@@ -146,8 +185,6 @@ def _pki(directory: Path) -> None:
 
 
 def _kubeconfig(path: Path, server: str, pki: Path, user: str) -> None:
-    import base64
-
     def data(name: str) -> str:
         return base64.b64encode((pki / name).read_bytes()).decode()
 
@@ -178,12 +215,24 @@ class ControlPlane:
     `up(state_dir)` starts them, waits until each is ready, installs the FineTuneJob and
     KubeRay CRDs and waits until they are Established; `kubeconfig` is then an admin
     (system:masters) kubeconfig. `down()` stops them. Logs: state_dir/<binary>.log.
+
+    With node=True (root only), also kube-scheduler, containerd, the kubelet, kube-proxy and
+    CoreDNS: pods run, with images from `image_store` (containerd's root, kept across
+    `down`; node.py). `down()` then also undoes every change to the host.
+
+    With kueue=True, also Kueue's manager (RayJobs only, those labelled
+    kueue.x-k8s.io/queue-name) and its CRDs. Its webhooks serve, but no webhook
+    configuration points the apiserver at them: a RayJob must be created suspended.
     """
 
-    def __init__(self, bin_dir: Path | str | None = None, timeout: float = 120.0, kuberay_namespaces: tuple[str, ...] = ()):
+    def __init__(self, bin_dir: Path | str | None = None, timeout: float = 120.0, kuberay_namespaces: tuple[str, ...] = (),
+                 node: bool = False, image_store: Path | str | None = None, kueue: bool = False):
         self.bin_dir = Path(bin_dir) if bin_dir else None
         self.timeout = timeout
         self.kuberay_namespaces = kuberay_namespaces  # empty: KubeRay acts in every namespace
+        self.node = node
+        self.kueue = kueue
+        self.image_store = Path(image_store) if image_store else DEFAULT_IMAGE_STORE
         self.state_dir: Path | None = None
         self.ports: dict[str, int] = {}
         self.pids: dict[str, int] = {}
@@ -196,8 +245,16 @@ class ControlPlane:
         return self._dir / "kubeconfig"
 
     @property
+    def host(self) -> str:
+        return NODE_IP if self.node else "127.0.0.1"
+
+    @property
     def server(self) -> str:
-        return f"https://127.0.0.1:{self.ports['apiserver']}"
+        return f"https://{self.host}:{self.ports['apiserver']}"
+
+    @property
+    def containerd_address(self) -> Path:
+        return nodes.containerd_socket(self._dir)
 
     @property
     def _dir(self) -> Path:
@@ -215,24 +272,53 @@ class ControlPlane:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if self.bin_dir is None:
             self.bin_dir = build_binaries()
-        missing = [b for b in BINARIES if not (self.bin_dir / b).exists()]
+        wanted = BINARIES + (NODE_BINARIES if self.node else ()) + (("kueue",) if self.kueue else ())
+        missing = [b for b in wanted if not (self.bin_dir / b).exists()]
         if missing:
             raise ControlPlaneError(f"{self.bin_dir} lacks {', '.join(missing)}: run infra/build-controlplane.sh")
+        if self.node:
+            self._check_node_host()
         names = ("etcd", "etcd-peer", "apiserver", "kcm", "kuberay-metrics", "kuberay-probe")
+        if self.node:
+            names += ("scheduler", "kubelet-healthz", "kube-proxy-healthz", "kube-proxy-metrics", "coredns-health", "coredns-ready")
+        if self.kueue:
+            names += ("kueue-webhook", "kueue-health", "kueue-metrics")
         self.ports = {name: free_port() for name in names}
         pki = self._dir / "pki"
-        _pki(pki)
+        _pki(pki, node=self.node)
         try:
+            if self.node:
+                nodes.HostChanges(self._dir / "host.json").record()
+                self._save_state()
+                nodes.setup_network()
             self._start_etcd()
             self._start_apiserver(pki)
             _kubeconfig(self.kubeconfig, self.server, pki, "admin")
             self.install_crds()
             self._start_controller_manager(pki)
+            if self.node:
+                self._start_node(pki)
             self._start_kuberay(pki)
+            if self.kueue:
+                self._start_kueue()
         except BaseException:
             self.down()
             raise
         return self
+
+    def _check_node_host(self) -> None:
+        if os.geteuid() != 0:
+            raise ControlPlaneError("a node (--node) needs root: it runs containerd and the kubelet and sets up a bridge")
+        if missing := nodes.missing_tools():
+            raise ControlPlaneError(f"a node needs these host tools: {', '.join(missing)}")
+        if other := ControlPlane.attach(DEFAULT_STATE_DIR) if self._dir != DEFAULT_STATE_DIR.resolve() else None:
+            if other.node and other.running():
+                raise ControlPlaneError(f"a node is already up (state in {DEFAULT_STATE_DIR}): one per machine; `finetune cluster down` first")
+        with socket.socket() as s:  # the kubelet's fixed port
+            try:
+                s.bind(("0.0.0.0", nodes.KUBELET_PORT))
+            except OSError:
+                raise ControlPlaneError(f"port {nodes.KUBELET_PORT} is in use: another kubelet runs on this machine") from None
 
     def _start_etcd(self) -> None:
         client, peer = f"http://127.0.0.1:{self.ports['etcd']}", f"http://127.0.0.1:{self.ports['etcd-peer']}"
@@ -260,20 +346,34 @@ class ControlPlane:
                 self._bin("kube-apiserver"),
                 f"--etcd-servers=http://127.0.0.1:{self.ports['etcd']}",
                 f"--secure-port={port}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                f"--bind-address={self.host}",
+                f"--advertise-address={self.host}",
                 f"--cert-dir={self._dir / 'apiserver'}",
                 f"--tls-cert-file={pki / 'serving.crt'}",
                 f"--tls-private-key-file={pki / 'serving.key'}",
                 f"--client-ca-file={pki / 'ca.crt'}",
-                f"--service-account-issuer=https://127.0.0.1:{port}",
+                f"--service-account-issuer=https://kubernetes.default.svc.{CLUSTER_DOMAIN}",
                 f"--service-account-key-file={pki / 'sa.pub'}",
                 f"--service-account-signing-key-file={pki / 'sa.key'}",
                 f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
-                "--authorization-mode=RBAC",
-                # No token controller mints tokens here, as in envtest.
-                "--disable-admission-plugins=ServiceAccount",
                 "--allow-privileged=true",
+                *(
+                    [
+                        "--authorization-mode=Node,RBAC",
+                        "--enable-admission-plugins=NodeRestriction",
+                        f"--kubelet-client-certificate={pki / 'kubelet-client.crt'}",
+                        f"--kubelet-client-key={pki / 'kubelet-client.key'}",
+                        f"--kubelet-certificate-authority={pki / 'ca.crt'}",
+                        # by IP: the node's hostname is in no DNS the host asks
+                        "--kubelet-preferred-address-types=InternalIP",
+                    ]
+                    if self.node
+                    else [
+                        "--authorization-mode=RBAC",
+                        # No pods run, and no token controller mints tokens, as in envtest.
+                        "--disable-admission-plugins=ServiceAccount",
+                    ]
+                ),
             ],
         )
         self._wait("kube-apiserver", lambda: self._http(f"{self.server}/readyz", pki=pki) == "ok")
@@ -287,7 +387,7 @@ class ControlPlane:
             [
                 self._bin("kube-controller-manager"),
                 f"--kubeconfig={kubeconfig}",
-                f"--controllers={CONTROLLERS}",
+                f"--controllers={NODE_CONTROLLERS if self.node else CONTROLLERS}",
                 "--leader-elect=false",
                 f"--secure-port={port}",
                 "--bind-address=127.0.0.1",
@@ -299,13 +399,56 @@ class ControlPlane:
         )
         self._wait("kube-controller-manager", lambda: self._http(f"https://127.0.0.1:{port}/healthz", pki=pki) == "ok")
 
+    def _start_node(self, pki: Path) -> None:
+        """kube-scheduler, containerd, the kubelet (until its Node is Ready), kube-proxy, CoreDNS."""
+        kubeconfigs = {}
+        for user in ("kube-scheduler", "kube-proxy", "coredns", "kubelet"):
+            kubeconfigs[user] = self._dir / f"{user}.kubeconfig"
+            _kubeconfig(kubeconfigs[user], self.server, pki, user)
+        # The pod sandbox image (registry.k8s.io is out of reach): built once, seconds.
+        pause = images.build_images(names=("pause",))["pause"]
+        files = nodes.write_configs(self._dir, pki, kubeconfigs, self.ports, self.image_store, pause.ref)
+        port = self.ports["scheduler"]
+        self._spawn("kube-scheduler", [
+            self._bin("kube-scheduler"), f"--kubeconfig={kubeconfigs['kube-scheduler']}", "--leader-elect=false",
+            f"--secure-port={port}", "--bind-address=127.0.0.1", f"--cert-dir={self._dir / 'kube-scheduler'}",
+            f"--tls-cert-file={pki / 'serving.crt'}", f"--tls-private-key-file={pki / 'serving.key'}",
+        ])
+        self._wait("kube-scheduler", lambda: self._http(f"https://127.0.0.1:{port}/healthz", pki=pki) == "ok")
+        self.image_store.mkdir(parents=True, exist_ok=True)
+        self._spawn("containerd", [shutil.which("containerd"), f"--config={files['containerd']}"])
+        self._wait("containerd", self.containerd_address.exists)
+        images.import_images([pause], str(self.containerd_address))
+        self._spawn("kubelet", [
+            self._bin("kubelet"), f"--config={files['kubelet']}", f"--kubeconfig={kubeconfigs['kubelet']}",
+            f"--hostname-override={nodes.NODE_NAME}", f"--node-ip={NODE_IP}", f"--root-dir={self._dir / 'kubelet'}",
+            f"--cert-dir={self._dir / 'kubelet-pki'}",
+        ])
+        self._wait("kubelet", self._node_ready)
+        self._spawn("kube-proxy", [self._bin("kube-proxy"), f"--config={files['kube-proxy']}"])
+        self._wait("kube-proxy", lambda: self._http(f"http://127.0.0.1:{self.ports['kube-proxy-healthz']}/healthz") != "")
+        self._spawn("coredns", [self._bin("coredns"), "-conf", str(files["coredns"])])
+        self._wait("coredns", lambda: self._http(f"http://127.0.0.1:{self.ports['coredns-ready']}/ready") == "OK")
+
+    def _node_ready(self) -> bool:
+        try:
+            status = self.api("GET", f"/api/v1/nodes/{nodes.NODE_NAME}").get("status") or {}
+        except urllib.error.HTTPError:
+            return False
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions", []))
+
     def _start_kuberay(self, pki: Path) -> None:
         kubeconfig = self._dir / "kuberay-operator.kubeconfig"
         _kubeconfig(kubeconfig, self.server, pki, "kuberay-operator")
         probe = self.ports["kuberay-probe"]
+        # With a node, KubeRay reaches each head's dashboard by its Service's DNS name: it runs in
+        # a private mount namespace whose /etc/resolv.conf names CoreDNS (the host's file stays).
+        resolv = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                  'mount --bind "$0" /etc/resolv.conf && exec "$@"', str(self._dir / "resolv.conf")] if self.node else []
         self._spawn(
             "kuberay-operator",
             [
+                *resolv,
                 self._bin("kuberay-operator"),
                 f"--kubeconfig={kubeconfig}",
                 f"--metrics-addr=127.0.0.1:{self.ports['kuberay-metrics']}",
@@ -318,18 +461,65 @@ class ControlPlane:
         )
         self._wait("kuberay-operator", lambda: self._http(f"http://127.0.0.1:{probe}/readyz") == "ok")
 
+    def _start_kueue(self) -> None:
+        """Kueue's namespace and manager (as admin), until it is ready.
+
+        Its internal certificate management stays on, as in its release: without it, v0.17
+        exits unless the metrics server's certificate is at the fixed path
+        /etc/kueue/metrics/certs. Its rotator fills the Secret created empty here (as the
+        release's manifests do) and waits for that certificate in the webhook cert dir, where
+        a kubelet would mount the Secret: we copy it there."""
+        self.api("POST", "/api/v1/namespaces", {"metadata": {"name": KUEUE_NAMESPACE}})
+        secrets = f"/api/v1/namespaces/{KUEUE_NAMESPACE}/secrets"
+        self.api("POST", secrets, {"metadata": {"name": KUEUE_WEBHOOK_SECRET}})
+        cert_dir = self._dir / "kueue" / "certs"
+        cert_dir.mkdir(parents=True, exist_ok=True)
+        config = {
+            "apiVersion": "config.kueue.x-k8s.io/v1beta2",
+            "kind": "Configuration",
+            "namespace": KUEUE_NAMESPACE,
+            "manageJobsWithoutQueueName": False,
+            "leaderElection": {"leaderElect": False},
+            "health": {"healthProbeBindAddress": f"127.0.0.1:{self.ports['kueue-health']}"},
+            "metrics": {"bindAddress": f"127.0.0.1:{self.ports['kueue-metrics']}"},
+            "webhook": {"host": "127.0.0.1", "port": self.ports["kueue-webhook"], "certDir": str(cert_dir)},
+            "internalCertManagement": {"enable": True},
+            "integrations": {"frameworks": ["ray.io/rayjob"]},
+            # The visibility API: an aggregated apiserver (no APIService here) on the fixed port
+            # 8082, which writes its certificate to /visibility on the host.
+            "featureGates": {"VisibilityOnDemand": False},
+        }
+        (self._dir / "kueue" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        self._spawn("kueue", [
+            self._bin("kueue"), f"--config={self._dir / 'kueue' / 'config.yaml'}", f"--kubeconfig={self.kubeconfig}",
+            "--zap-encoder=console",
+        ])
+
+        def mount_certificate() -> bool:
+            data = self.api("GET", f"{secrets}/{KUEUE_WEBHOOK_SECRET}").get("data") or {}
+            if "tls.crt" not in data:
+                return False
+            for name in ("tls.key", "tls.crt"):  # the rotator waits for tls.crt: the key first
+                (cert_dir / name).write_bytes(base64.b64decode(data[name]))
+            return True
+
+        self._wait("kueue", mount_certificate)
+        self._wait("kueue", lambda: self._http(f"http://127.0.0.1:{self.ports['kueue-health']}/readyz") == "ok")
+
     def down(self, remove_state: bool = False) -> None:
-        """Stops every process (SIGTERM, then SIGKILL after 15 s); with remove_state, also
-        deletes the state dir."""
+        """Stops every process (SIGTERM, then SIGKILL after 15 s); with a node, then kills what
+        pods still run and undoes the host changes; with remove_state, also deletes the state dir."""
         for name in reversed(list(self.pids)):
-            _stop(self.pids[name], self._procs.get(name), self._bin(name) if self.bin_dir else None)
+            _stop(self.pids[name], self._procs.get(name), self._binary(name))
+            if name == "kubelet":  # no kubelet restarts them now; containerd still runs them
+                nodes.stop_pods(self.containerd_address)
         self.pids.clear()
         self._procs.clear()
         if self.state_dir is not None:
+            if self.node:
+                nodes.HostChanges(self.state_dir / "host.json").undo(extra_mount_roots=(self.state_dir, self.image_store))
             (self.state_dir / "state.json").unlink(missing_ok=True)
             if remove_state:
-                import shutil
-
                 shutil.rmtree(self.state_dir, ignore_errors=True)
 
     @classmethod
@@ -339,13 +529,20 @@ class ControlPlane:
         if not path.exists():
             return None
         state = json.loads(path.read_text())
-        plane = cls(bin_dir=state["bin_dir"])
+        plane = cls(bin_dir=state["bin_dir"], node=state.get("node", False), image_store=state.get("image_store"),
+                    kueue=state.get("kueue", False))
         plane.state_dir, plane.ports, plane.pids = Path(state_dir).resolve(), state["ports"], state["pids"]
         return plane
 
     def running(self) -> bool:
         """Whether every process is alive."""
-        return bool(self.pids) and all(_alive(pid, self._bin(name)) for name, pid in self.pids.items())
+        return bool(self.pids) and all(_alive(pid, self._binary(name)) for name, pid in self.pids.items())
+
+    def _binary(self, name: str) -> str | None:
+        """The executable a process of ours runs (what _alive checks against a recycled pid)."""
+        if name == "containerd":
+            return shutil.which("containerd")
+        return self._bin(name) if self.bin_dir else None
 
     # processes
 
@@ -364,7 +561,11 @@ class ControlPlane:
         finally:
             log.close()
         self._procs[name], self.pids[name] = proc, proc.pid
-        state = {"bin_dir": str(self.bin_dir), "ports": self.ports, "pids": self.pids, "kubeconfig": str(self.kubeconfig)}
+        self._save_state()
+
+    def _save_state(self) -> None:
+        state = {"bin_dir": str(self.bin_dir), "ports": self.ports, "pids": self.pids, "kubeconfig": str(self.kubeconfig),
+                 "node": self.node, "image_store": str(self.image_store), "kueue": self.kueue}
         (self._dir / "state.json").write_text(json.dumps(state, indent=2))
 
     def _wait(self, name: str, ready: Callable[[], bool]) -> None:
@@ -409,7 +610,7 @@ class ControlPlane:
     def crd_documents(self) -> list[dict]:
         """Our CRDs (from the models, as the chart has them) and KubeRay's: RayJob and
         RayCluster from shared/kuberay-crds, the operator's other kinds (it watches them
-        all) from the same release as the operator binary."""
+        all) from the same release as the operator binary; with kueue, Kueue's."""
         from finetune_api.crd import KINDS, crd
 
         docs = [crd(kind) for kind in KINDS]
@@ -421,6 +622,24 @@ class ControlPlane:
             raise ControlPlaneError(f"KubeRay CRDs not found in {SHARED_KUBERAY_CRDS}")
         for path in kuberay.values():
             docs.extend(load_yaml(path))
+        # Before kube-controller-manager starts: its garbage collector then deletes the Workloads
+        # of deleted jobs at once, not after its next discovery (30 s), freeing their quota.
+        return docs + (self.kueue_crd_documents() if self.kueue else [])
+
+    def kueue_crd_documents(self) -> list[dict]:
+        """Kueue's CRDs from the release of its binary, with the conversion webhooks its
+        release patches in (unreachable here, and unused while clients ask for the stored
+        version; the certificate rotator fails on a CRD without them)."""
+        docs = [doc for path in sorted((self.bin_dir.parent / "kueue-crds").glob("*.yaml")) for doc in load_yaml(path)]
+        if not docs:
+            raise ControlPlaneError(f"Kueue CRDs not found in {self.bin_dir.parent / 'kueue-crds'}: run infra/build-controlplane.sh")
+        service = {"namespace": KUEUE_NAMESPACE, "name": "kueue-webhook-service", "path": "/convert"}
+        for doc in docs:
+            if doc["spec"]["names"]["plural"] in KUEUE_CONVERTED_CRDS:
+                doc["spec"]["conversion"] = {
+                    "strategy": "Webhook",
+                    "webhook": {"clientConfig": {"service": service}, "conversionReviewVersions": ["v1"]},
+                }
         return docs
 
     def install_crds(self, docs: list[dict] | None = None) -> None:

@@ -1,35 +1,50 @@
-"""`finetune operator`: kopf watches FineTuneJobs, FineTuneSweeps and the RayJobs we manage and routes every
-event to the Reconciler; a poll loop refreshes progress.json and retries what waits; a Lease
-makes one replica act; /metrics and /healthz are served beside it."""
+"""`finetune operator`: kopf watches FineTuneJobs, FineTuneSweeps and the RayJobs we manage,
+keeps them in its indexes and hands each event to the Reconciler; a kopf daemon per object
+wakes on the run's reports and every --poll-seconds for what only looking finds (pods that
+cannot start, a run gone silent, a queue). Runs push reports to /v1/progress on the report
+port; /metrics and /healthz are on the metrics port. A Lease makes one replica act; the others
+answer reports with a redirect to it."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import json
 import logging
 import os
 import signal
 import socket
 import threading
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import kopf
 from kubernetes import client, config
 
+from finetune_api.kinds import KINDS
 from finetune_api.spec import GROUP, VERSION
-from finetune_operator.builders import DEFAULT_IMAGE, MANAGED_BY
+from finetune_api.status import FINAL, State
+from finetune_operator.builders import MANAGED_BY, Settings
 from finetune_operator.leader import LeaderElector
 from finetune_operator.metrics import Metrics
-from finetune_operator.reconcile import KINDS, RAY_GROUP, RAY_VERSION, RAYJOBS, Reconciler
+from finetune_operator.reconcile import RAY_GROUP, RAY_VERSION, RAYJOBS, Apis, Reconciler, Rejected, key_of, owner_key, pod_owner
 
 log = logging.getLogger("finetune.operator")
+
+REPORT_PATH = "/v1/progress"
+# A final report (Succeeded, Failed, Preempted) is answered once the status has it: the run's
+# last word, after which its driver exits and KubeRay decides on a retry.
+FINAL_REPORT_WAIT_SECONDS = 10.0
 
 
 @dataclass
 class Options:
     namespaces: list[str] = field(default_factory=list)  # empty: every namespace
-    image: str = DEFAULT_IMAGE
+    settings: Settings = field(default_factory=Settings)
     poll_seconds: float = 10.0
     metrics_address: str = "0.0.0.0:8080"
+    report_address: str = "0.0.0.0:8081"
+    advertise_url: str | None = None  # how the other replicas reach this one's report port (redirects)
     leader_election: bool = True
     lease_name: str = "finetune-operator"
     lease_namespace: str | None = None
@@ -37,8 +52,18 @@ class Options:
     log_format: str = "json"
 
 
-def registry(reconciler: Reconciler, metrics: Metrics) -> kopf.OperatorRegistry:
-    """The handlers: each routes one watch event to the reconciler, nothing more."""
+def _snapshot(body) -> dict:
+    """kopf's body view as a plain dict, safe to keep after the handler returns."""
+    return copy.deepcopy(dict(body))
+
+
+def _one(index, key):
+    return next(iter(index.get(key, ())), None)
+
+
+def registry(reconciler: Reconciler, metrics: Metrics, poll_seconds: float) -> kopf.OperatorRegistry:
+    """The handlers: indexes of our objects and RayJobs, watch events routed to the
+    reconciler, a daemon per object."""
     reg = kopf.OperatorRegistry()
 
     @kopf.on.login(registry=reg)
@@ -51,39 +76,88 @@ def registry(reconciler: Reconciler, metrics: Metrics) -> kopf.OperatorRegistry:
         settings.persistence.finalizer = f"{GROUP}/kopf-finalizer"
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
-        settings.posting.enabled = False  # our Events come from the reconciler, one per transition
+        # Events: ours, one per transition, through kopf's poster; of kopf's own log lines only warnings.
+        settings.posting.level = logging.WARNING
         settings.execution.max_workers = 16
         # The chart grants no list/watch on namespaces or CRDs: watch exactly the named namespaces
         # and the resources discovery found at start (else kopf retries 403s for about a minute).
         settings.scanning.disabled = True
 
-    def route(trigger: str):
-        def owner(type, body, **_):
-            with metrics.timed(trigger):
-                reconciler.job_event(type or "ADDED", _plain(body))
-
-        return owner
-
-    for kind in KINDS.values():
-        kopf.on.event(GROUP, VERSION, kind.plural, id=kind.plural, registry=reg)(route(kind.name.lower()))
+    @kopf.index(RAY_GROUP, RAY_VERSION, RAYJOBS, labels=MANAGED_BY, id="rayjobs_index", registry=reg)
+    def rayjobs_index(body, **_):
+        key = owner_key(body)
+        return {key: _snapshot(body)} if key is not None else None
 
     @kopf.on.event(RAY_GROUP, RAY_VERSION, RAYJOBS, labels=MANAGED_BY, registry=reg)
-    def rayjob(type, body, **_):
-        with metrics.timed("rayjob"):
-            reconciler.rayjob_event(type or "ADDED", _plain(body))
+    def rayjob(type, body, pods_index, **indexes):
+        key = owner_key(body)
+        job = _one(indexes[f"{KINDS[key[0]].plural}_index"], key) if key is not None else None
+        if job is not None:
+            with metrics.timed("rayjob"):
+                reconciler.reconcile(job, None if type == "DELETED" else _snapshot(body), list(pods_index.get(key, ())))
 
+    # The Ray pods (KubeRay copies our labels onto them): why a job's pods do not start.
+    @kopf.index("", "v1", "pods", labels=MANAGED_BY, id="pods_index", registry=reg)
+    def pods_index(body, **_):
+        key = pod_owner(body)
+        return {key: {"metadata": {"name": body["metadata"]["name"]}, "status": dict(body.get("status") or {})}} if key else None
+
+    @kopf.on.event("", "v1", "pods", labels=MANAGED_BY, registry=reg)
+    def pod(body, pods_index, rayjobs_index, **indexes):
+        key = pod_owner(body)
+        job = _one(indexes[f"{KINDS[key[0]].plural}_index"], key) if key is not None else None
+        if job is not None:
+            with metrics.timed("pod"):
+                _reconcile_indexed(reconciler, job, key, rayjobs_index, pods_index)
+
+    for kind in KINDS.values():
+        _kind_handlers(reg, kind, reconciler, metrics, poll_seconds)
     return reg
 
 
-def _plain(body) -> dict:
-    """A snapshot of kopf's body view, safe to keep after the handler returns."""
-    return copy.deepcopy(dict(body))
+def _kind_handlers(reg: kopf.OperatorRegistry, kind, reconciler: Reconciler, metrics: Metrics, poll_seconds: float) -> None:
+    plural = kind.plural
+
+    @kopf.index(GROUP, VERSION, plural, id=f"{plural}_index", registry=reg)
+    def index(body, **_):
+        return {key_of(body): _snapshot(body)}
+
+    @kopf.on.event(GROUP, VERSION, plural, id=plural, registry=reg)
+    def event(type, body, uid, rayjobs_index, pods_index, **_):
+        if type == "DELETED":
+            reconciler.forget(uid)
+            return
+        key = key_of(body)
+        with metrics.timed(kind.name.lower()):
+            _reconcile_indexed(reconciler, _snapshot(body), key, rayjobs_index, pods_index)
+
+    @kopf.daemon(GROUP, VERSION, plural, id=f"{plural}-daemon", cancellation_timeout=1.0, registry=reg)
+    async def daemon(stopped, body, uid, rayjobs_index, pods_index, **_):
+        """Wakes on each report of the object's run, and every poll_seconds for what only time
+        shows (a run gone silent) or only asking finds (why Kueue lets a job wait)."""
+        loop, wake = asyncio.get_running_loop(), asyncio.Event()
+        reconciler.wakers[uid] = lambda: loop.call_soon_threadsafe(wake.set)
+        try:
+            while not stopped:
+                try:
+                    await asyncio.wait_for(wake.wait(), poll_seconds)
+                except asyncio.TimeoutError:
+                    pass
+                reported, _ = wake.is_set(), wake.clear()
+                key = key_of(body)
+                with metrics.timed("report" if reported else "poll"):
+                    status = await asyncio.to_thread(_reconcile_indexed, reconciler, _snapshot(body), key,
+                                                     rayjobs_index, pods_index, not reported)
+                if (status or {}).get("phase") in FINAL and not wake.is_set():
+                    return  # nothing more to look for; a late report is kept until the next event
+        finally:
+            reconciler.wakers.pop(uid, None)
 
 
-def _poll(reconciler: Reconciler, metrics: Metrics, every: float, stop: threading.Event) -> None:
-    while not stop.wait(every):
-        with metrics.timed("poll"):
-            reconciler.poll()
+def _reconcile_indexed(reconciler: Reconciler, body: dict, key, rayjobs_index, pods_index, check: bool = False) -> dict | None:
+    """Reconciles with the RayJob and pods the indexes hold, read under the object's lock."""
+    with reconciler.lock(body["metadata"]["uid"]):
+        return reconciler.reconcile(body, _one(rayjobs_index, key), list(pods_index.get(key, ())), check)
 
 
 def _api() -> client.ApiClient:
@@ -94,37 +168,107 @@ def _api() -> client.ApiClient:
     return client.ApiClient()
 
 
+class Reports(ThreadingHTTPServer):
+    """POST /v1/progress: a run's report. The leader takes it; a replica that does not lead
+    redirects to the one that does (or answers 503 while none is known)."""
+
+    daemon_threads = True
+
+    def __init__(self, address: str, reconciler: Reconciler, leader_url):
+        self.reconciler, self.leader_url = reconciler, leader_url  # leader_url(): None when this replica leads
+        host, _, port = address.rpartition(":")
+        super().__init__((host or "0.0.0.0", int(port)), _ReportHandler)
+
+
+class _ReportHandler(BaseHTTPRequestHandler):
+    server: Reports
+
+    def do_POST(self):
+        if self.path != REPORT_PATH:
+            return self._answer(404, "not found")
+        elsewhere = self.server.leader_url()
+        if elsewhere is not None:
+            return self._answer(307, "ask the leader", location=elsewhere) if elsewhere else self._answer(503, "no leader yet")
+        token = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        try:
+            doc = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"null")
+            report = self.server.reconciler.receive(token, doc)
+        except Rejected as err:
+            return self._answer(err.code, str(err))
+        except ValueError as err:
+            return self._answer(400, f"not JSON: {err}")
+        except client.ApiException as err:  # the TokenReview or pod lookup failed: the run tries again
+            return self._answer(503, f"cannot check the report now: {err.reason}")
+        if report.progress is not None and report.progress.state in (*FINAL, State.PREEMPTED):
+            report.consumed.wait(FINAL_REPORT_WAIT_SECONDS)
+        self._answer(200, "ok")
+
+    def _answer(self, code: int, text: str, location: str | None = None):
+        body = text.encode()
+        self.send_response(code)
+        if location:
+            self.send_header("Location", location)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):  # one line per report is noise; rejections are answered, not logged
+        pass
+
+
+def _serve(server: ThreadingHTTPServer, name: str) -> threading.Thread:
+    thread = threading.Thread(target=server.serve_forever, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
 def run(opts: Options) -> int:
     """Runs until SIGTERM/SIGINT (exit 0), a lost Lease or kopf failing (exit 1)."""
     kopf.configure(log_format=kopf.LogFormat.JSON if opts.log_format == "json" else kopf.LogFormat.FULL)
     # kopf logs every handled watch event at INFO ("Handler ... succeeded"); ours log what changed.
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     api = _api()
-    reconciler = Reconciler(api, image=opts.image)
+    stop, failed, leading = threading.Event(), threading.Event(), threading.Event()
+    reconciler = Reconciler(Apis.of(api), opts.settings, post_event=lambda body, type, reason, message: kopf.event(
+        body, type=type, reason=reason, message=message))
     metrics = Metrics(reconciler)
-    stop, failed = threading.Event(), threading.Event()
-    metrics.serve(opts.metrics_address, healthy=lambda: not stop.is_set())
+    identity = opts.identity or os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+    elector = None
+    if opts.leader_election:
+        namespace = opts.lease_namespace or os.environ.get("POD_NAMESPACE") or "default"
+        elector = LeaderElector(client.CoordinationV1Api(api), opts.lease_name, namespace, identity, address=opts.advertise_url)
+
+    def leader_url() -> str | None:
+        """None when this replica takes reports; else the leader's report URL ('' if unknown)."""
+        if leading.is_set():
+            return None
+        return (elector.leader_address() if elector else None) or ""
+
+    servers = [metrics.server(opts.metrics_address, healthy=lambda: not stop.is_set()),
+               Reports(opts.report_address, reconciler, leader_url)]
+    for server, name in zip(servers, ("metrics", "reports")):
+        _serve(server, name)
     # The main thread owns the signals; kopf, in its own thread, stops through the same flag.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    elector = None
-    if opts.leader_election:
-        identity = opts.identity or os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
-        namespace = opts.lease_namespace or os.environ.get("POD_NAMESPACE") or "default"
-        elector = LeaderElector(api, opts.lease_name, namespace, identity)
+    threads = []
+    if elector is not None:
         if not elector.acquire(stop):
+            _shutdown(servers)
             return 0
 
         def lost():  # another replica may act from now on: stop at once (the Pod restarts as a follower)
             failed.set()
             stop.set()
 
-        threading.Thread(target=elector.keep, args=(stop, lost), name="lease", daemon=True).start()
+        threads.append(threading.Thread(target=elector.keep, args=(stop, lost), name="lease"))
+    leading.set()
 
     def operate():
         try:
             kopf.run(
-                registry=registry(reconciler, metrics),
+                registry=registry(reconciler, metrics, opts.poll_seconds),
                 standalone=True,  # kopf's peering only pauses replicas; the Lease decides who acts
                 clusterwide=not opts.namespaces,
                 namespaces=opts.namespaces,
@@ -137,10 +281,23 @@ def run(opts: Options) -> int:
             stop.set()
 
     kopf_thread = threading.Thread(target=operate, name="kopf")
-    kopf_thread.start()
-    threading.Thread(target=_poll, args=(reconciler, metrics, opts.poll_seconds, stop), name="poll", daemon=True).start()
+    threads.append(kopf_thread)
+    for thread in threads:
+        thread.start()
     while kopf_thread.is_alive():
         kopf_thread.join(0.5)  # a short join, so signal handlers run promptly in this thread
+    # Joined, not left as daemons: a thread still logging while the interpreter shuts down
+    # aborts the process (CPython's fatal error on the stdout lock: exit -6).
+    for thread in threads:
+        thread.join()
+    leading.clear()
+    _shutdown(servers)
     if elector is not None and not failed.is_set():
         elector.release()
     return 1 if failed.is_set() else 0
+
+
+def _shutdown(servers: list[ThreadingHTTPServer]) -> None:
+    for server in servers:
+        server.shutdown()
+        server.server_close()

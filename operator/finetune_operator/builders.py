@@ -3,14 +3,21 @@ client, no kopf: what the operator applies is decided here and table-tested with
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shlex
+from dataclasses import dataclass
 
-from finetune_api.spec import API_VERSION, KIND, FineTuneJob, FineTuneJobSpec, StorageSpec
+from finetune_api.kinds import KINDS
+from finetune_api.spec import API_VERSION, KIND, FineTuneJob, FineTuneJobSpec, PodTemplateSpec, StorageSpec, TrackingSpec
 from finetune_api.sweep import SWEEP_KIND, FineTuneSweep
 
 DEFAULT_IMAGE = "ghcr.io/finetune-operator/trainer:0.1.0"
 RAY_VERSION = "2.60.0"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "finetune-operator"}
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# The hash of the spec last applied: the operator applies again only when the desired spec moved.
+SPEC_HASH = "finetune.dev/spec-hash"
 
 RESTRICTED = {
     "runAsNonRoot": True,
@@ -18,6 +25,23 @@ RESTRICTED = {
     "capabilities": {"drop": ["ALL"]},
     "seccompProfile": {"type": "RuntimeDefault"},
 }
+# After the grace period the driver still writes the final progress.json (one storage call) and
+# Ray shuts down; the kubelet's SIGKILL must not cut that short.
+TERMINATION_MARGIN_SECONDS = 30
+
+# How a run reaches the operator (finetune_train/progress.py): a projected ServiceAccount token
+# for this audience only, rotated by the kubelet, and the operator's report URL.
+REPORT_AUDIENCE = "finetune-operator"
+REPORT_TOKEN_DIR = "/var/run/secrets/finetune.dev/report"
+REPORT_TOKEN_SECONDS = 3600
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the operator adds to every RayJob: the default trainer image and where runs report."""
+
+    image: str = DEFAULT_IMAGE
+    report_url: str | None = None
 
 
 def entrypoint(flag: str, encoded: str) -> str:
@@ -36,51 +60,138 @@ def s3_credentials_env(storage: StorageSpec) -> list[dict]:
     return [{"name": var, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key}}} for var, key in keys]
 
 
-def _container(name: str, image: str, requests: dict, limits: dict, env: list[dict]) -> dict:
-    return {
+def mlflow_credentials_env(tracking: TrackingSpec) -> list[dict]:
+    """MLflow's credential variables from the Secret, each key optional: a token, or a user and
+    password, whichever the Secret holds."""
+    secret = tracking.mlflow and tracking.mlflow.credentials_secret
+    if not secret:
+        return []
+    keys = [("MLFLOW_TRACKING_TOKEN", secret.token_key), ("MLFLOW_TRACKING_USERNAME", secret.username_key),
+            ("MLFLOW_TRACKING_PASSWORD", secret.password_key)]
+    return [{"name": var, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key, "optional": True}}} for var, key in keys]
+
+
+# SIGTERM to a Ray pod stops its Ray processes at once: this hook first hands it to the training
+# driver, which checkpoints every worker at the current step, and waits for the pod's training
+# processes to finish (finetune_train/prestop.py).
+PRE_STOP = {"preStop": {"exec": {"command": ["python", "-m", "finetune_train.prestop"]}}}
+
+
+def _report(settings: Settings) -> tuple[list[dict], list[dict], list[dict]]:
+    """(env, volumes, mounts) that let a run push its progress to the operator."""
+    if not settings.report_url:
+        return [], [], []
+    token = {"serviceAccountToken": {"audience": REPORT_AUDIENCE, "expirationSeconds": REPORT_TOKEN_SECONDS, "path": "token"}}
+    env = [{"name": "FINETUNE_STATUS_URL", "value": settings.report_url},
+           {"name": "FINETUNE_STATUS_TOKEN_FILE", "value": f"{REPORT_TOKEN_DIR}/token"}]
+    return env, [{"name": "finetune-report", "projected": {"sources": [token]}}], [
+        {"name": "finetune-report", "mountPath": REPORT_TOKEN_DIR, "readOnly": True}]
+
+
+def _pod(name: str, image: str, requests: dict, limits: dict, s: FineTuneJobSpec, settings: Settings) -> dict:
+    """A Ray pod template: ours, then the user's podTemplate merged on (their env after ours,
+    so theirs wins; their volumes beside ours; their securityContext instead of ours)."""
+    t: PodTemplateSpec = s.pod_template
+    report_env, report_volumes, report_mounts = _report(settings)
+    env = [*s3_credentials_env(s.storage), *mlflow_credentials_env(s.tracking), {"name": "FINETUNE_IMAGE", "value": image},
+           *report_env, *(e.wire() for e in t.env)]
+    mounts = [{"name": "shm", "mountPath": "/dev/shm"}, *report_mounts, *(m.wire() for m in t.volume_mounts)]
+    container = {
         "name": name,
         "image": image,
         "resources": {"requests": requests, "limits": limits},
-        "securityContext": RESTRICTED,
+        "securityContext": t.security_context if t.security_context is not None else RESTRICTED,
         **({"env": env} if env else {}),
+        **({"envFrom": t.env_from} if t.env_from else {}),
+        "volumeMounts": mounts,
+        "lifecycle": PRE_STOP,
+    }
+    # Ray's object store, NCCL and DeepSpeed need more /dev/shm than the runtime's 64 MiB. Its
+    # pages count as the container's memory, so the memory limit (if any) is the useful bound.
+    shm = {"medium": "Memory", **({"sizeLimit": limits["memory"]} if "memory" in limits else {})}
+    optional = {
+        "nodeSelector": s.scheduling.node_selector or None,
+        "tolerations": s.scheduling.tolerations or None,
+        "affinity": s.scheduling.affinity,
+        "priorityClassName": s.scheduling.priority_class_name,
+        "serviceAccountName": t.service_account_name,
+        "imagePullSecrets": [r.wire() for r in t.image_pull_secrets] or None,
+        "securityContext": t.pod_security_context,
+    }
+    return {
+        "containers": [container],
+        "volumes": [{"name": "shm", "emptyDir": shm}, *report_volumes, *(v.wire() for v in t.volumes)],
+        # Kubernetes' 30 s default would SIGKILL workers in the middle of the SIGTERM checkpoint.
+        "terminationGracePeriodSeconds": s.checkpointing.grace_period_seconds + TERMINATION_MARGIN_SECONDS,
+        **{k: v for k, v in optional.items() if v is not None},
     }
 
 
-def _pod_spec(container: dict, scheduling) -> dict:
-    sched = {
-        "nodeSelector": scheduling.node_selector or None,
-        "tolerations": scheduling.tolerations or None,
-        "affinity": scheduling.affinity,
-        "priorityClassName": scheduling.priority_class_name,
-    }
-    return {"containers": [container], **{k: v for k, v in sched.items() if v is not None}}
-
-
-def build_rayjob(job: FineTuneJob, image: str = DEFAULT_IMAGE) -> dict:
-    return _rayjob(KIND, job, job.name, job.spec, entrypoint("--job", job.encode()), job.spec.resources.nodes, image)
+def build_rayjob(job: FineTuneJob, settings: Settings = Settings(), observed: dict | None = None, give_up: bool = False) -> dict:
+    """`observed`: the RayJob as it is (a queued job's suspend is Kueue's once it exists);
+    `give_up`: the run failed for good (invalid input), so KubeRay must not retry it."""
+    return _rayjob(KIND, job, job.name, job.spec, entrypoint("--job", job.encode()), job.spec.resources.nodes,
+                   job.spec.suspend, settings, observed, give_up)
 
 
 def sweep_rayjob_name(name: str) -> str:
     return f"{name}-sweep"  # a job and a sweep may share a name; their RayJobs may not
 
 
-def build_sweep_rayjob(sweep: FineTuneSweep, image: str = DEFAULT_IMAGE) -> dict:
+def build_sweep_rayjob(sweep: FineTuneSweep, settings: Settings = Settings(), observed: dict | None = None, give_up: bool = False) -> dict:
     """One Ray cluster for the whole sweep, sized for maxConcurrentTrials trials of
     template.resources.nodes workers each."""
     t = sweep.spec.template
     workers = sweep.spec.max_concurrent_trials * t.resources.nodes
-    return _rayjob(SWEEP_KIND, sweep, sweep_rayjob_name(sweep.name), t, entrypoint("--sweep", sweep.encode()), workers, image)
+    return _rayjob(SWEEP_KIND, sweep, sweep_rayjob_name(sweep.name), t, entrypoint("--sweep", sweep.encode()), workers,
+                   sweep.spec.suspend, settings, observed, give_up)
 
 
-def _rayjob(kind: str, owner: FineTuneJob | FineTuneSweep, name: str, s: FineTuneJobSpec, command: str, nodes: int, image: str) -> dict:
-    r, image = s.resources, s.image or image
-    worker = {"cpu": format(r.cpus_per_worker * max(r.gpus_per_node, 1), "g")}  # a quantity: 48, 0.5
+def _rayjob(kind: str, owner: FineTuneJob | FineTuneSweep, name: str, s: FineTuneJobSpec, command: str, nodes: int,
+            suspend: bool, settings: Settings, observed: dict | None, give_up: bool) -> dict:
+    r, image = s.resources, s.image or settings.image
+    worker = {"cpu": format(r.cpus_per_worker * r.per_node, "g")}  # a quantity: 48, 0.5
     if r.memory_per_worker:
         worker["memory"] = r.memory_per_worker
     worker_limits = {**worker, **({"nvidia.com/gpu": str(r.gpus_per_node)} if r.gpus_per_node else {})}
-    head = {"cpu": "1", "memory": "4Gi"}
-    labels = {**MANAGED_BY, f"finetune.dev/{kind.removeprefix('FineTune').lower()}": owner.name}
-    env = s3_credentials_env(s.storage)
+    head = {"cpu": r.head.cpu, "memory": r.head.memory}  # limited in memory only: see HeadResourcesSpec
+    selector = {**MANAGED_BY, KINDS[kind].label: owner.name}
+    pod_meta = {"labels": {**s.pod_template.labels, **selector}, **({"annotations": s.pod_template.annotations} if s.pod_template.annotations else {})}
+    spec = {
+        "entrypoint": command,
+        "shutdownAfterJobFinishes": True,
+        "ttlSecondsAfterFinished": s.ttl_seconds_after_finished,
+        # Each retry is a new Ray cluster running the same run, so it resumes from the latest checkpoint.
+        "backoffLimit": 0 if give_up else s.retries,
+        **({"activeDeadlineSeconds": s.active_deadline_seconds} if s.active_deadline_seconds else {}),
+        "rayClusterSpec": {
+            "rayVersion": RAY_VERSION,
+            "headGroupSpec": {
+                # the head schedules no training work: all workers land on worker pods
+                "rayStartParams": {"num-cpus": "0"},
+                "template": {"metadata": pod_meta, "spec": _pod("ray-head", image, head, {"memory": r.head.memory}, s, settings)},
+            },
+            "workerGroupSpecs": [
+                {
+                    "groupName": "workers",
+                    "replicas": nodes,
+                    "minReplicas": nodes,
+                    "maxReplicas": nodes,
+                    "rayStartParams": {},
+                    "template": {"metadata": pod_meta, "spec": _pod("ray-worker", image, worker, worker_limits, s, settings)},
+                }
+            ],
+        },
+    }
+    # Kueue admits a queued job by unsuspending it (and may suspend it again to preempt it): it
+    # starts suspended, and once it exists its suspend is what Kueue made it, unless the user
+    # suspends it. (Leaving the field out would not leave it to Kueue: server-side apply
+    # removes a field its only owner stops applying.)
+    if suspend or s.queue_name is None or observed is None:
+        spec["suspend"] = suspend or s.queue_name is not None
+    else:
+        spec["suspend"] = bool(observed.get("spec", {}).get("suspend"))
+    labels = {**selector, **({QUEUE_LABEL: s.queue_name} if s.queue_name else {})}
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
@@ -88,6 +199,7 @@ def _rayjob(kind: str, owner: FineTuneJob | FineTuneSweep, name: str, s: FineTun
             "name": name,
             "namespace": owner.metadata.namespace,
             "labels": labels,
+            "annotations": {SPEC_HASH: spec_hash(spec, labels)},
             "ownerReferences": [
                 {
                     "apiVersion": API_VERSION,
@@ -99,62 +211,19 @@ def _rayjob(kind: str, owner: FineTuneJob | FineTuneSweep, name: str, s: FineTun
                 }
             ],
         },
-        "spec": {
-            "entrypoint": command,
-            "shutdownAfterJobFinishes": True,
-            "ttlSecondsAfterFinished": s.ttl_seconds_after_finished,
-            # Each retry is a new Ray cluster running the same run, so it resumes from the latest checkpoint.
-            "backoffLimit": s.retries,
-            "suspend": s.suspend,
-            **({"activeDeadlineSeconds": s.active_deadline_seconds} if s.active_deadline_seconds else {}),
-            "rayClusterSpec": {
-                "rayVersion": RAY_VERSION,
-                "headGroupSpec": {
-                    # the head schedules no training work: all workers land on worker pods
-                    "rayStartParams": {"num-cpus": "0"},
-                    "template": {"metadata": {"labels": labels}, "spec": _pod_spec(_container("ray-head", image, head, head, env), s.scheduling)},
-                },
-                "workerGroupSpecs": [
-                    {
-                        "groupName": "workers",
-                        "replicas": nodes,
-                        "minReplicas": nodes,
-                        "maxReplicas": nodes,
-                        "rayStartParams": {},
-                        "template": {
-                            "metadata": {"labels": labels},
-                            "spec": _pod_spec(_container("ray-worker", image, worker, worker_limits, env), s.scheduling),
-                        },
-                    }
-                ],
-            },
-        },
+        "spec": spec,
     }
+
+
+def spec_hash(spec: dict, labels: dict) -> str:
+    return hashlib.sha256(json.dumps([spec, labels], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def needs_apply(desired: dict, observed: dict | None) -> bool:
+    """Whether the RayJob must be applied: it is missing, or what was applied last differs."""
+    annotations = ((observed or {}).get("metadata") or {}).get("annotations") or {}
+    return annotations.get(SPEC_HASH) != desired["metadata"]["annotations"][SPEC_HASH]
 
 
 def owned_by(obj: dict, uid: str | None) -> bool:
     return any(ref.get("uid") == uid and ref.get("controller") for ref in obj["metadata"].get("ownerReferences", []))
-
-
-def differences(observed, desired, path: str = "spec") -> list[str]:
-    """The paths where observed lacks a value desired sets. What the apiserver and KubeRay add
-    (defaults) is no difference, nor is a zero value KubeRay's Go types leave out on their
-    writes (omitempty: `suspend: false`, `backoffLimit: 0`)."""
-    if observed is None and not desired:
-        return []
-    if isinstance(desired, dict):
-        if not isinstance(observed, dict):
-            return [path]
-        return [d for k, v in desired.items() for d in differences(observed.get(k), v, f"{path}.{k}")]
-    if isinstance(desired, list):
-        if not isinstance(observed, list) or len(observed) != len(desired):
-            return [path]
-        return [d for i, (o, v) in enumerate(zip(observed, desired)) for d in differences(o, v, f"{path}[{i}]")]
-    return [] if observed == desired else [path]
-
-
-def spec_patch(desired: dict, observed: dict) -> tuple[dict | None, list[str]]:
-    """The merge patch that brings an existing RayJob to the desired spec (suspend, resources,
-    scheduling) and the paths that differ; (None, []) when it already has it."""
-    changed = differences(observed.get("spec"), desired["spec"])
-    return ({"spec": desired["spec"]} if changed else None), changed

@@ -13,13 +13,16 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 log = logging.getLogger("finetune.operator.leader")
+# Where the holder takes reports: the other replicas redirect runs there.
+ADDRESS = "finetune.dev/leader-address"
 
 
 class LeaderElector:
-    def __init__(self, api: client.ApiClient, name: str, namespace: str, identity: str,
+    def __init__(self, coordination: client.CoordinationV1Api, name: str, namespace: str, identity: str, address: str | None = None,
                  lease_seconds: int = 15, renew_seconds: float = 5.0, clock=time.monotonic):
-        self.coordination = client.CoordinationV1Api(api)
-        self.name, self.namespace, self.identity = name, namespace, identity
+        self.coordination = coordination
+        self.name, self.namespace, self.identity, self.address = name, namespace, identity, address
+        self._holder_address: str | None = None  # the holder's ADDRESS as last read
         self.lease_seconds, self.renew_seconds, self.clock = lease_seconds, renew_seconds, clock
         self._seen: tuple | None = None  # (holder, renewTime) as last read
         self._seen_at = 0.0
@@ -35,7 +38,8 @@ class LeaderElector:
             if err.status != 404:
                 raise
             return self._create()
-        spec = lease.spec
+        spec, annotations = lease.spec, lease.metadata.annotations or {}
+        self._holder_address = annotations.get(ADDRESS) if spec.holder_identity not in (None, "", self.identity) else None
         record = (spec.holder_identity, spec.renew_time)
         if record != self._seen:
             self._seen, self._seen_at = record, self.clock()
@@ -47,6 +51,7 @@ class LeaderElector:
             spec.acquire_time = now
             spec.lease_transitions = (spec.lease_transitions or 0) + 1
         spec.holder_identity, spec.renew_time, spec.lease_duration_seconds = self.identity, now, self.lease_seconds
+        lease.metadata.annotations = {**annotations, ADDRESS: self.address or ""}
         try:  # the resourceVersion read above makes this a compare-and-swap
             self.coordination.replace_namespaced_lease(self.name, self.namespace, lease)
         except ApiException as err:
@@ -58,7 +63,7 @@ class LeaderElector:
     def _create(self) -> bool:
         now = self._now()
         lease = client.V1Lease(
-            metadata=client.V1ObjectMeta(name=self.name, namespace=self.namespace),
+            metadata=client.V1ObjectMeta(name=self.name, namespace=self.namespace, annotations={ADDRESS: self.address or ""}),
             spec=client.V1LeaseSpec(holder_identity=self.identity, lease_duration_seconds=self.lease_seconds,
                                     acquire_time=now, renew_time=now, lease_transitions=0),
         )
@@ -98,6 +103,10 @@ class LeaderElector:
                 log.error("lost the Lease %s/%s", self.namespace, self.name)
                 lost()
                 return
+
+    def leader_address(self) -> str | None:
+        """The report URL of the replica that holds the Lease, as last read (None: unknown)."""
+        return self._holder_address or None
 
     def release(self) -> None:
         """Hands the Lease over at shutdown, so the next replica need not wait it out."""

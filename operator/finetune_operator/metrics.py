@@ -1,10 +1,9 @@
 """Prometheus /metrics and /healthz. Jobs by phase and each running job's step, loss and
-tokens/s are read from the reconciler's caches at scrape time; reconciles are counted and
-timed as they happen."""
+tokens/s are read from the reconciler at scrape time (the statuses it wrote, the reports it
+took); reconciles are counted and timed as they happen."""
 
 from __future__ import annotations
 
-import threading
 import time
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -12,15 +11,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from finetune_operator.reconcile import JOB, KINDS, Reconciler
+from finetune_api.kinds import JOB, KINDS
+from finetune_api.status import Progress, State
+from finetune_operator.reconcile import Reconciler
 from finetune_operator.status import PHASES
 
-# Per running job, from its progress.json: metric name, help, progress.json key.
+# Per running job, from its latest report: metric name, help, the value.
 JOB_GAUGES = (
-    ("finetune_job_step", "Training step the job reached", "step"),
-    ("finetune_job_train_loss", "Latest training loss", "train_loss"),
-    ("finetune_job_eval_loss", "Latest evaluation loss", "eval_loss"),
-    ("finetune_job_tokens_per_second", "Training throughput in tokens per second", "tokens_per_s"),
+    ("finetune_job_step", "Training step the job reached", lambda p: p.step),
+    ("finetune_job_train_loss", "Latest training loss", lambda p: p.metrics.get("train_loss")),
+    ("finetune_job_eval_loss", "Latest evaluation loss", lambda p: p.metrics.get("eval_loss")),
+    ("finetune_job_tokens_per_second", "Training throughput in tokens per second", lambda p: p.metrics.get("tokens_per_s")),
 )
 
 
@@ -47,28 +48,22 @@ class Metrics:
 
     def collect(self):
         """Called by prometheus_client at each scrape."""
-        r = self.reconciler
-        jobs = []  # (kind, namespace, name, phase, progress.json)
-        for (kind, ns, name), body in list(r.jobs.items()):
-            uid = body["metadata"]["uid"]
-            status = r.written.get(uid) or body.get("status") or {}
-            read = r.reads.get(uid)
-            jobs.append((kind, ns, name, status.get("phase"), (read.progress if read else None) or {}))
+        jobs = self.reconciler.phases()
         phases = GaugeMetricFamily("finetune_jobs", "FineTuneJobs and FineTuneSweeps by phase", labels=["kind", "phase"])
         for kind in KINDS:
             for phase in PHASES:
-                phases.add_metric([kind, phase], sum(j[0] == kind and j[3] == phase for j in jobs))
+                phases.add_metric([kind, phase], sum(key[0] == kind and p == phase for key, p, _ in jobs))
         yield phases
-        for metric, text, field in JOB_GAUGES:
+        for metric, text, value_of in JOB_GAUGES:
             gauge = GaugeMetricFamily(metric, text, labels=["namespace", "name"])
-            for kind, ns, name, phase, progress in jobs:
-                value = progress.get(field, progress.get("metrics", {}).get(field))
-                if kind == JOB.name and phase == "Running" and isinstance(value, int | float):
+            for (kind, ns, name), phase, progress in jobs:
+                value = value_of(progress or Progress())
+                if kind == JOB.name and phase == State.RUNNING and value is not None:
                     gauge.add_metric([ns, name], value)
             yield gauge
 
-    def serve(self, address: str, healthy) -> ThreadingHTTPServer:
-        """/metrics and /healthz (200 while healthy() is true) on host:port, in a daemon thread."""
+    def server(self, address: str, healthy) -> ThreadingHTTPServer:
+        """/metrics and /healthz (200 while healthy() is true) on host:port; the caller serves it."""
         registry = self.registry
 
         class Handler(BaseHTTPRequestHandler):
@@ -91,5 +86,5 @@ class Metrics:
 
         host, _, port = address.rpartition(":")
         server = ThreadingHTTPServer((host or "0.0.0.0", int(port)), Handler)
-        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+        server.daemon_threads = True
         return server

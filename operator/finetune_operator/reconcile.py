@@ -1,246 +1,317 @@
-"""The operator's one I/O layer. It keeps what the watches delivered (FineTuneJobs,
-FineTuneSweeps and their RayJobs, like an informer cache), reads what the pure builders need (the storage Secret,
-progress.json) and writes what they return: the RayJob, the status (only when it changed) and
-an Event per transition. kopf handlers and the poll loop call `reconcile`; nothing here
-imports kopf."""
+"""The operator's one I/O layer, without kopf: kopf's handlers hand it the object and its
+RayJob from their indexes, and it applies the RayJob (server-side apply, one field manager),
+writes the status when it changed (server-side apply on the status subresource) and posts an
+Event per transition. Runs push their progress (finetune_train/progress.py); `receive` checks
+who sent it (TokenReview of the pod's projected token) and keeps the latest per job.
+
+The operator reads no Secret and no bucket: a missing Secret shows in the pods' status, and
+storage trouble in the run's own reports."""
 
 from __future__ import annotations
 
-import base64
-import dataclasses
+import hashlib
+import json
 import logging
 import threading
 import time
-from collections import defaultdict
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
+from pydantic import ValidationError
 
-from finetune_api import crd
-from finetune_api.spec import API_VERSION, GROUP, VERSION, FineTuneJobSpec, SpecError, parse_job
-from finetune_api.sweep import parse_sweep
-from finetune_operator.builders import DEFAULT_IMAGE, build_rayjob, build_sweep_rayjob, owned_by, spec_patch
-from finetune_operator.status import Problem, build_status, build_sweep_status, invalid_status
-from finetune_train.storage import RunPaths, Store, StorageError, is_s3, normalize
+from finetune_api.kinds import JOB, KINDS, SWEEP, Kind
+from finetune_api.spec import GROUP, VERSION, FineTuneJobSpec, SpecError
+from finetune_api.status import INVALID_INPUT, Problem, Progress, State
+from finetune_operator.builders import REPORT_AUDIENCE, Settings, build_rayjob, build_sweep_rayjob, needs_apply, owned_by
+from finetune_operator.status import Observed, build_status, build_sweep_status, finished, invalid_status, pod_problem, queued
 
 log = logging.getLogger("finetune.operator")
 
 RAY_GROUP, RAY_VERSION, RAYJOBS = "ray.io", "v1", "rayjobs"
-FINAL = ("Succeeded", "Failed")
-# The operator reads one small file per job and poll: fail fast rather than hold a worker
-# thread through the training program's long storage retries.
-READ_TIMEOUT_SECONDS, READ_ATTEMPTS = 5, 2
+KUEUE_GROUP, KUEUE_VERSION, WORKLOADS = "kueue.x-k8s.io", "v1beta2", "workloads"
+FIELD_MANAGER = "finetune-operator"
+APPLY = "application/apply-patch+yaml"
+# A run pings every 10 s (progress.HEARTBEAT_SECONDS); this long without a word, its head is lost.
+STALE_SECONDS = 45.0
+# How long a verified token (and the pod it is bound to) is trusted before it is checked again.
+IDENTITY_SECONDS = 60.0
 
 
-class Kind(NamedTuple):
-    """What differs between the kinds the operator runs: parsing, the RayJob, the status."""
+class Ops(NamedTuple):
+    """What the operator does with each kind: the RayJob and the status it builds."""
 
-    name: str
-    plural: str
-    parse: Callable[[dict], Any]
-    rayjob: Callable[[Any, str], dict]
-    status: Callable[..., dict]
-    job_spec: Callable[[Any], FineTuneJobSpec]  # the spec that holds storage and resources
+    kind: Kind
+    rayjob: Callable[..., dict]
+    status: Callable[..., Any]
+    job_spec: Callable[[Any], FineTuneJobSpec]  # the spec that holds resources, storage and the queue
+    suspend: Callable[[Any], bool]
 
 
-JOB = Kind(crd.JOB.name, crd.JOB.plural, parse_job, build_rayjob, build_status, lambda job: job.spec)
-SWEEP = Kind(crd.SWEEP.name, crd.SWEEP.plural, parse_sweep, build_sweep_rayjob, build_sweep_status, lambda sweep: sweep.spec.template)
-KINDS = {k.name: k for k in (JOB, SWEEP)}
+OPS = {
+    JOB.name: Ops(JOB, build_rayjob, build_status, lambda job: job.spec, lambda job: job.spec.suspend),
+    SWEEP.name: Ops(SWEEP, build_sweep_rayjob, build_sweep_status, lambda sweep: sweep.spec.template, lambda sweep: sweep.spec.suspend),
+}
 
 Key = tuple[str, str, str]  # (kind, namespace, name)
 
 
-class Read(NamedTuple):
-    """What the latest read of a job's storage found: progress.json, or why it could not be read."""
-
-    progress: dict | None = None
-    problem: Problem | None = None
+def key_of(body: dict) -> Key:
+    return body["kind"], body["metadata"]["namespace"], body["metadata"]["name"]
 
 
-def _key(obj: dict) -> Key:
-    return obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
+def owner_key(rayjob: dict) -> Key | None:
+    """The key of the FineTuneJob or FineTuneSweep that controls a RayJob."""
+    owner = next((r for r in rayjob["metadata"].get("ownerReferences", []) if r.get("controller")), None)
+    if owner is None or owner["kind"] not in KINDS:
+        return None
+    return owner["kind"], rayjob["metadata"]["namespace"], owner["name"]
+
+
+def pod_owner(pod: dict) -> Key | None:
+    """The key of the FineTuneJob or FineTuneSweep a Ray pod runs (the builders' pod label)."""
+    labels = pod["metadata"].get("labels") or {}
+    for kind in KINDS.values():
+        if labels.get(kind.label):
+            return kind.name, pod["metadata"]["namespace"], labels[kind.label]
+    return None
+
+
+@dataclass
+class Report:
+    progress: Progress | None  # the latest progress (a ping carries none)
+    seen: float  # when the run last said anything (monotonic)
+    cluster: str  # the Ray cluster of the pod that said it
+    consumed: threading.Event = field(default_factory=threading.Event)  # a reconcile has used it
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What a verified token says about its sender: the pod it is bound to."""
+
+    namespace: str
+    pod: str
+    labels: dict[str, str]
+    expires: float
+
+
+class Rejected(Exception):
+    """A report the operator does not take: `code` is the HTTP status to answer."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class Apis(NamedTuple):
+    """The Kubernetes API groups the reconciler calls (a recording stand-in in unit tests)."""
+
+    custom: Any
+    core: Any
+    authn: Any
+
+    @classmethod
+    def of(cls, api: client.ApiClient) -> Apis:
+        return cls(client.CustomObjectsApi(api), client.CoreV1Api(api), client.AuthenticationV1Api(api))
 
 
 class Reconciler:
-    def __init__(self, api: client.ApiClient, image: str = DEFAULT_IMAGE, component: str = "finetune-operator"):
-        self.custom, self.core = client.CustomObjectsApi(api), client.CoreV1Api(api)
-        self.image, self.component = image, component
-        self.jobs: dict[Key, dict] = {}  # latest FineTuneJob and FineTuneSweep bodies the watches delivered
-        self.rayjobs: dict[Key, dict] = {}  # latest RayJobs we manage, by their owner's key
-        self.reads: dict[str, Read] = {}  # uid -> latest read of the job's storage
-        self.written: dict[str, dict] = {}  # uid -> latest status written (the watch may lag behind)
-        self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+    def __init__(self, apis: Apis, settings: Settings = Settings(),
+                 post_event: Callable[[dict, str, str, str], None] | None = None, clock: Callable[[], float] = time.monotonic):
+        self.custom, self.core, self.authn = apis
+        self.settings, self.post_event, self.clock = settings, post_event or (lambda *_: None), clock
+        self.reports: dict[str, Report] = {}  # uid -> the run's latest report
+        self.written: dict[str, dict] = {}  # uid -> status last written (the watch may lag behind)
+        self.keys: dict[str, Key] = {}  # uid -> (kind, namespace, name), for /metrics
+        self.queues: dict[str, str | None] = {}  # uid -> Kueue's word on the queued job, at the last check
+        self.wakers: dict[str, Callable[[], None]] = {}  # uid -> wakes the job's daemon (set by app.py)
+        self.identities: dict[str, Identity] = {}  # sha256 of a token -> what it was verified as
+        self._locks: dict[str, threading.RLock] = {}  # uid -> one reconcile at a time
 
-    # ---- what the watches deliver
+    def forget(self, uid: str) -> None:
+        """The object is gone."""
+        for memo in (self.reports, self.written, self.keys, self.queues, self._locks):
+            memo.pop(uid, None)
 
-    def job_event(self, kind: str, body: dict) -> None:
-        key, uid = _key(body), body["metadata"]["uid"]
-        if kind == "DELETED":
-            self.jobs.pop(key, None)
-            for cache in (self.reads, self.written, self._locks):
-                cache.pop(uid, None)
-            return
-        self.jobs[key] = body
-        self.reconcile(key)
-
-    def rayjob_event(self, kind: str, body: dict) -> None:
-        owner = next((r for r in body["metadata"].get("ownerReferences", []) if r.get("controller")), None)
-        if owner is None or owner["kind"] not in KINDS:
-            return
-        key = (owner["kind"], body["metadata"]["namespace"], owner["name"])
-        if kind == "DELETED":
-            self.rayjobs.pop(key, None)
-        else:
-            self.rayjobs[key] = body
-        if key in self.jobs:
-            self.reconcile(key)
-
-    def poll(self) -> None:
-        """Every job once: retries what failed (a missing Secret, unreachable storage) and
-        refreshes progress.json."""
-        for key in list(self.jobs):
-            try:
-                self.reconcile(key, read_progress=True)
-            except Exception:  # one job's trouble never stops the others' polling
-                log.exception("reconciling %s %s/%s failed", *key)
+    def lock(self, uid: str) -> threading.RLock:
+        """One reconcile of an object at a time. Callers that read the RayJob from an index hold
+        it while they read: read before, the RayJob could be older than the one a concurrent
+        reconcile just acted on (a Succeeded job would go back to Running)."""
+        return self._locks.setdefault(uid, threading.RLock())  # setdefault: atomic, so one lock per uid
 
     # ---- reconcile
 
-    def reconcile(self, key: Key, read_progress: bool = False) -> None:
-        body = self.jobs.get(key)
-        if body is None:
-            return
-        uid = body["metadata"]["uid"]
-        with self._locks[uid]:
-            body = self.jobs.get(key, body)  # the newest, if an event came while we waited
+    def reconcile(self, body: dict, rayjob: dict | None, pods: list[dict] = (), check: bool = False) -> dict | None:
+        """Brings the RayJob to the spec and the status to what is known (the RayJob, its Ray
+        pods, the run's reports); returns the status. `check` (the periodic pass): also ask
+        Kueue why a queued job waits."""
+        ops, uid = OPS[body["kind"]], body["metadata"]["uid"]
+        with self.lock(uid):
             previous = self.written.get(uid) or body.get("status")
-            kind = KINDS[key[0]]
             try:
-                job = kind.parse(body)
+                obj = ops.kind.parse(body)
             except SpecError as err:
-                message = "; ".join(err.errors)
-                self._write(kind, body, previous, invalid_status(body["metadata"].get("generation"), message, previous, time.time()))
-                return
-            rayjob, last = self.rayjobs.get(key), self.reads.get(uid, Read())
-            if rayjob is None and (previous or {}).get("phase") in FINAL and previous.get("rayJobName"):
-                return  # its RayJob was deleted after the end: a new one would train the job again
-            if rayjob is None:
-                _, problem = self._credentials(job, kind)  # pods without their Secret would never start: wait for it
-                if problem is None:
-                    rayjob, problem = self._apply_rayjob(key, job, kind, None)
-            else:
-                rayjob, problem = self._apply_rayjob(key, job, kind, rayjob)
-                if problem is None and read_progress and self._progress_may_change(kind.job_spec(job), rayjob, last):
-                    last = self.reads[uid] = self._read_progress(job, kind, last)
-                problem = problem or last.problem
-            status = kind.status(job, rayjob, last.progress, previous, time.time(), problem)
-            self._write(kind, body, previous, status)
+                return self._write(body, previous, invalid_status(body["metadata"].get("generation"), "; ".join(err.errors), previous, time.time()))
+            if rayjob is None and finished(previous) and previous.get("rayJobName"):
+                return previous  # its RayJob was deleted after the end: a new one would train the job again
+            report = self.reports.get(uid)
+            current = report if report is not None and rayjob is not None and report.cluster == _cluster(rayjob) else None
+            progress = current.progress if current is not None else None
+            give_up = progress is not None and progress.state == State.FAILED and progress.reason == INVALID_INPUT
+            desired = ops.rayjob(obj, self.settings, observed=rayjob, give_up=give_up)
+            problem = None
+            if needs_apply(desired, rayjob):
+                rayjob, problem = self._apply(desired, rayjob, obj.metadata.uid, ops.kind)
+            if check and problem is None:
+                self.queues[uid] = self._queue_message(rayjob) if queued(ops.suspend(obj), ops.job_spec(obj).queue_name, rayjob) else None
+            problem = (problem or self._stale(rayjob, report) or (progress.warning if progress else None)
+                       or (pod_problem(pods) if _starting(rayjob) else None))
+            seen = Observed(rayjob=rayjob, progress=progress, problem=problem, queue=self.queues.get(uid))
+            status = self._write(body, previous, ops.status(obj, seen, previous, time.time()))
+            if current is not None:
+                current.consumed.set()
+            return status
 
-    def _credentials(self, job, kind: Kind) -> tuple[dict | None, Problem | None]:
-        """boto3 credentials from the job's Secret, or the Problem that stops reading them."""
-        ref, ns = kind.job_spec(job).storage.credentials_secret, job.metadata.namespace
-        if ref is None:
-            return None, None
-        field = "spec.template.storage.credentialsSecret" if kind is SWEEP else "spec.storage.credentialsSecret"
-        try:
-            data = self.core.read_namespaced_secret(ref.name, ns).data or {}
-        except ApiException as err:
-            if err.status == 404:
-                return None, Problem("SecretNotFound", f"{field}.name: Secret {ns}/{ref.name} does not exist; create it with "
-                                     f"keys {ref.access_key_id_key} and {ref.secret_access_key_key}")
-            if err.status == 403:
-                return None, Problem("SecretForbidden", f"{field}.name: the operator may not read Secret {ns}/{ref.name}; "
-                                     "grant it get on secrets in this namespace")
-            raise
-        keys = {"aws_access_key_id": ref.access_key_id_key, "aws_secret_access_key": ref.secret_access_key_key}
-        if ref.session_token_key:
-            keys["aws_session_token"] = ref.session_token_key
-        missing = [k for k in keys.values() if k not in data]
-        if missing:
-            return None, Problem("SecretKeyMissing", f"{field}: Secret {ns}/{ref.name} has no key {', '.join(missing)}; "
-                                 "add it, or name the keys it has")
-        return {arg: base64.b64decode(data[k]).decode() for arg, k in keys.items()}, None
-
-    def _apply_rayjob(self, key: Key, job, kind: Kind, observed: dict | None) -> tuple[dict, Problem | None]:
-        """Create-or-adopt: the RayJob's name derives from the job's, so however often this runs
-        (an operator killed mid-create, two events at once) the apiserver keeps exactly one."""
-        desired = kind.rayjob(job, self.image)
-        ns, name = job.metadata.namespace, desired["metadata"]["name"]
-        if observed is None:
+    def _apply(self, desired: dict, observed: dict | None, uid: str, kind: Kind) -> tuple[dict, Problem | None]:
+        """Server-side apply. A RayJob of that name that is not the object's (no controller
+        reference to it) is left alone and named in the status."""
+        ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
+        if observed is None:  # not in the index (yet): is the name free, or ours already?
             try:
-                observed = self.custom.create_namespaced_custom_object(RAY_GROUP, RAY_VERSION, ns, RAYJOBS, desired)
-                log.info("created RayJob %s/%s", ns, name)
-            except ApiException as err:
-                if err.status != 409:
-                    raise
                 observed = self.custom.get_namespaced_custom_object(RAY_GROUP, RAY_VERSION, ns, RAYJOBS, name)
-        if not owned_by(observed, job.metadata.uid):
-            return observed, Problem("RayJobNameTaken", f"metadata.name: RayJob {ns}/{name} exists and belongs to something "
-                                     f"else; delete it or give the {kind.name} another name")
-        patch, changed = spec_patch(desired, observed)
-        if patch is not None:
-            observed = self.custom.patch_namespaced_custom_object(RAY_GROUP, RAY_VERSION, ns, RAYJOBS, name, patch)
-            log.info("updated RayJob %s/%s: %s", ns, name, ", ".join(changed))
-        self.rayjobs[key] = observed
-        return observed, None
+            except ApiException as err:
+                if err.status != 404:
+                    raise
+        if observed is not None and not owned_by(observed, uid):
+            return observed, Problem(reason="RayJobNameTaken", message=f"metadata.name: RayJob {ns}/{name} exists and belongs to "
+                                     f"something else; delete it or give the {kind.name} another name")
+        applied = _apply(self.custom.patch_namespaced_custom_object, RAY_GROUP, RAY_VERSION, ns, RAYJOBS, name, desired)
+        log.info("%s RayJob %s/%s", "applied" if observed is not None else "created", ns, name)
+        return applied, None
 
-    @staticmethod
-    def _progress_may_change(spec: FineTuneJobSpec, rayjob: dict, last: Read) -> bool:
-        # A local path is the pods' own disk, nothing the operator can read; a finished run's
-        # final progress.json never changes.
-        finished = rayjob.get("status", {}).get("jobDeploymentStatus") in ("Complete", "Failed")
-        return is_s3(spec.storage.uri) and not (finished and (last.progress or {}).get("state") in FINAL)
-
-    def _read_progress(self, job, kind: Kind, last: Read) -> Read:
-        credentials, problem = self._credentials(job, kind)
-        if problem is not None:
-            return Read(last.progress, problem)
-        storage = kind.job_spec(job).storage
-        # Short timeouts, few attempts: see READ_TIMEOUT_SECONDS.
-        store = dataclasses.replace(Store.of(storage, credentials), timeout_seconds=READ_TIMEOUT_SECONDS, max_attempts=READ_ATTEMPTS)
-        paths = RunPaths(normalize(storage.uri), job.run_name, store)
+    def _queue_message(self, rayjob: dict) -> str | None:
+        """Kueue's reason for not admitting the RayJob yet (its Workload's QuotaReserved condition)."""
         try:
-            return Read(store.read_json(paths.progress) or last.progress)
-        except StorageError as err:
-            return Read(last.progress, Problem("StorageUnreachable", f"spec.storage.uri: cannot read the job's progress: {err}"))
+            workloads = self.custom.list_namespaced_custom_object(
+                KUEUE_GROUP, KUEUE_VERSION, rayjob["metadata"]["namespace"], WORKLOADS,
+                label_selector=f"kueue.x-k8s.io/job-uid={rayjob['metadata']['uid']}")["items"]
+        except ApiException as err:
+            log.warning("could not read Kueue's Workload of RayJob %s: %s", rayjob["metadata"]["name"], err.reason)
+            return None
+        for workload in workloads:
+            for cond in (workload.get("status") or {}).get("conditions") or []:
+                if cond.get("type") == "QuotaReserved" and cond.get("status") == "False":
+                    return cond.get("message")
+        return None
+
+    def _stale(self, rayjob: dict | None, report: Report | None) -> Problem | None:
+        """A running job whose run went silent after it had reported: its head is lost."""
+        if rayjob is None or (rayjob.get("status") or {}).get("jobDeploymentStatus") != "Running":
+            return None
+        if report is None or report.cluster != _cluster(rayjob) or self.clock() - report.seen < STALE_SECONDS:
+            return None
+        return Problem(reason="ReportsStopped", message=f"no report from the run for {self.clock() - report.seen:.0f} s: the Ray head "
+                       f"may be lost (kubectl get pods -l ray.io/cluster={report.cluster})")
 
     # ---- writes
 
-    def _write(self, kind: Kind, body: dict, previous: dict | None, status: dict) -> None:
+    def _write(self, body: dict, previous: dict | None, status) -> dict:
         """The status, when it differs from the last one written; an Event per transition."""
+        status = status.wire()
         previous = previous or {}
         if status == previous:
-            return
-        _, ns, name = _key(body)
-        # A merge patch keeps keys it does not name: remove the ones the new status lacks.
-        patch = {"status": {**{k: None for k in previous if k not in status}, **status}}
-        self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, ns, kind.plural, name, patch)
-        self.written[body["metadata"]["uid"]] = status
+            return status
+        kind, ns, name = key_of(body)
+        _apply(self.custom.patch_namespaced_custom_object_status, GROUP, VERSION, ns, KINDS[kind].plural, name,
+               {"apiVersion": body["apiVersion"], "kind": kind, "metadata": {"name": name, "namespace": ns}, "status": status})
+        self.written[body["metadata"]["uid"]], self.keys[body["metadata"]["uid"]] = status, (kind, ns, name)
         if (status["phase"], status["reason"]) != (previous.get("phase"), previous.get("reason")):
-            warning = status["phase"] == "Failed" or _ready(status) == "False"
-            self.event(body, "Warning" if warning else "Normal", status["reason"], status["message"])
+            warning = status["phase"] == State.FAILED or _ready(status) == "False"
+            self.post_event(body, "Warning" if warning else "Normal", status["reason"], status["message"][:1024])
         elif _ready(status) != _ready(previous) and _ready(status) == "False":
             ready = next(c for c in status["conditions"] if c["type"] == "Ready")
-            self.event(body, "Warning", ready["reason"], ready["message"])
+            self.post_event(body, "Warning", ready["reason"], ready["message"][:1024])
+        return status
 
-    def event(self, body: dict, kind: str, reason: str, message: str) -> None:
-        meta = body["metadata"]
-        now = datetime.now(timezone.utc)
-        event = client.CoreV1Event(
-            metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=meta["namespace"]),
-            involved_object=client.V1ObjectReference(
-                api_version=API_VERSION, kind=body["kind"], name=meta["name"], namespace=meta["namespace"], uid=meta["uid"],
-                resource_version=meta.get("resourceVersion"),
-            ),
-            type=kind, reason=reason, message=message[:1024], count=1, first_timestamp=now, last_timestamp=now,
-            source=client.V1EventSource(component=self.component), reporting_component=self.component,
-        )
+    # ---- reports
+
+    def receive(self, token: str, doc: Any) -> Report:
+        """A run's report: who sent it is checked (the token, the pod it is bound to, the pod's
+        job), the latest is kept and the job's daemon woken. Rejected names what is wrong."""
         try:
-            self.core.create_namespaced_event(meta["namespace"], event)
-        except ApiException as err:  # an Event is a courtesy: never fail a reconcile over one
-            log.warning("could not post Event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], err.reason)
+            kind, ns, name, uid = doc["kind"], doc["namespace"], doc["name"], doc["uid"]
+            progress = Progress.model_validate(doc["progress"]) if "progress" in doc else None
+        except (KeyError, TypeError, ValidationError) as err:
+            raise Rejected(400, f"not a progress report: {err}") from None
+        if kind not in KINDS:
+            raise Rejected(400, f"kind: must be one of {', '.join(KINDS)}")
+        who = self._identity(token)
+        if who.namespace != ns or who.labels.get(KINDS[kind].label) != name:
+            raise Rejected(403, f"pod {who.namespace}/{who.pod} does not run {kind} {ns}/{name}")
+        with self._locks.setdefault(uid, threading.Lock()):
+            last = self.reports.get(uid)
+            keep = progress is None or (last is not None and last.progress is not None and last.progress.updated > progress.updated)
+            report = Report(last.progress if keep and last is not None else progress, self.clock(), who.labels.get("ray.io/cluster", ""))
+            self.reports[uid] = report
+        wake = self.wakers.get(uid)
+        if wake is not None:
+            wake()
+        return report
+
+    def _identity(self, token: str) -> Identity:
+        """The pod a projected token of our audience is bound to, by TokenReview, cached briefly."""
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        known = self.identities.get(digest)
+        if known is not None and known.expires > self.clock():
+            return known
+        review = self.authn.create_token_review(client.V1TokenReview(
+            spec=client.V1TokenReviewSpec(token=token, audiences=[REPORT_AUDIENCE])))
+        st = review.status
+        if not st.authenticated or REPORT_AUDIENCE not in (st.audiences or []):
+            raise Rejected(401, f"token not accepted: {st.error or 'unauthenticated'}")
+        username, extra = st.user.username or "", st.user.extra or {}
+        pod, pod_uid = (extra.get(f"authentication.kubernetes.io/{k}", [None])[0] for k in ("pod-name", "pod-uid"))
+        if not username.startswith("system:serviceaccount:") or not pod:
+            raise Rejected(403, "the token is not bound to a pod")
+        namespace = username.split(":")[2]
+        try:
+            found = self.core.read_namespaced_pod(pod, namespace)
+        except ApiException as err:
+            raise Rejected(403 if err.status == 404 else 503, f"pod {namespace}/{pod}: {err.reason}") from None
+        if found.metadata.uid != pod_uid:
+            raise Rejected(403, f"pod {namespace}/{pod} was replaced")
+        if len(self.identities) > 10_000:  # tokens rotate: drop the expired
+            now = self.clock()
+            self.identities = {d: i for d, i in self.identities.items() if i.expires > now}
+        who = self.identities[digest] = Identity(namespace, pod, dict(found.metadata.labels or {}), self.clock() + IDENTITY_SECONDS)
+        return who
+
+    def phases(self) -> list[tuple[Key, str | None, Progress | None]]:
+        """(key, phase, latest progress) of every object whose status this replica wrote: what
+        /metrics shows."""
+        out = []
+        for uid, key in list(self.keys.items()):
+            report = self.reports.get(uid)
+            out.append((key, (self.written.get(uid) or {}).get("phase"), report.progress if report else None))
+        return out
+
+
+def _apply(patch, *args) -> dict:
+    """Server-side apply as our field manager, taking over fields others wrote. The body is read
+    from the raw response: the client maps only 200 to an object, and an apply that creates
+    answers 201."""
+    response = patch(*args, field_manager=FIELD_MANAGER, force=True, _content_type=APPLY, _preload_content=False)
+    return json.loads(response.data)
+
+
+def _cluster(rayjob: dict) -> str:
+    return (rayjob.get("status") or {}).get("rayClusterName", "")
+
+
+def _starting(rayjob: dict | None) -> bool:
+    """KubeRay is still bringing the Ray cluster up (or up again, for a retry)."""
+    return rayjob is not None and (rayjob.get("status") or {}).get("jobDeploymentStatus", "") in ("", "Initializing", "Retrying")
 
 
 def _ready(status: dict) -> str | None:

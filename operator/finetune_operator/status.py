@@ -1,27 +1,38 @@
-"""Pure status builder: (FineTuneJob, observed RayJob, progress.json, previous status) → the
-FineTuneJob's `.status`. No Kubernetes client, no kopf: the operator writes what this returns,
-and only when it differs from what is there."""
+"""Pure status builder: (FineTuneJob or FineTuneSweep, what was observed, previous status) →
+the object's `.status` (finetune_api.status). No Kubernetes client, no kopf: the operator
+writes what this returns, and only when it differs from what is there."""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import NamedTuple
 
 from finetune_api.spec import FineTuneJob
-from finetune_api.sweep import TRIAL_DONE, FineTuneSweep
+from finetune_api.status import (
+    FINAL, INVALID_INPUT, BestTrial, CheckpointStatus, CommonStatus, Condition, JobStatus, Problem, Progress, ResumeStatus,
+    State, StepProgress, SweepStatus, TrialStatus,
+)
+from finetune_api.sweep import FineTuneSweep
 
-PHASES = ("Pending", "Initializing", "Running", "Succeeded", "Failed", "Suspended")
+# The phases a job or sweep goes through (State has the trials' too).
+PHASES = (State.PENDING, State.INITIALIZING, State.RUNNING, State.SUSPENDED, State.SUCCEEDED, State.FAILED)
 CONDITION_TYPES = ("Ready", "Running", "Suspended", "Succeeded", "Failed")
 CHECKPOINTS_SHOWN = 5
 
 
-class Problem(NamedTuple):
-    """Something outside the spec that is wrong (a missing Secret, unreachable storage): Ready
-    turns False; before the RayJob exists it also holds the job in Pending."""
+@dataclass(frozen=True)
+class Observed:
+    """What the operator knows of a job besides its spec."""
 
-    reason: str
-    message: str
+    rayjob: dict | None = None  # the RayJob, as the watch delivered it
+    progress: Progress | None = None  # the run's latest report; None: none since the operator started
+    problem: Problem | None = None  # why it is stuck or unwell (pods, reports), if it is
+    queue: str | None = None  # Kueue's word on a job waiting in its queue
+
+    @property
+    def rayjob_status(self) -> dict:
+        return (self.rayjob or {}).get("status") or {}
 
 
 def _rfc3339(t: float) -> str:
@@ -32,32 +43,70 @@ def _camel(key: str) -> str:
     return re.sub(r"_([a-z])", lambda m: m.group(1).upper(), key)
 
 
-def phase_of(suspend: bool, rayjob: dict | None, progress: dict, problem: Problem | None) -> tuple[str, str, str]:
-    """(phase, reason, message) from what KubeRay reports and what the run wrote."""
-    st = (rayjob or {}).get("status", {})
+# Container waiting reasons that no retry by the kubelet will cure without a change of image.
+IMAGE_PULL = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
+# The kubelet's words for a Secret an env var names that is missing, or lacks the key.
+SECRET_MISSING = re.compile(r'secret "([^"]+)" not found|couldn\'t find key (\S+) in Secret \S+/(\S+)')
+
+
+def pod_problem(pods: list[dict]) -> Problem | None:
+    """Why the Ray pods of a job that is not running yet cannot start: a missing Secret, an
+    image no node can pull, or a pod no node can fit (the scheduler's own words); None while
+    they are just starting."""
+    for pod in pods:
+        name = pod["metadata"]["name"]
+        for c in (pod.get("status") or {}).get("containerStatuses") or []:
+            waiting = (c.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in IMAGE_PULL:
+                return Problem(reason="ImagePullBackOff", message=f"spec.image: pod {name} cannot pull image {c.get('image')} "
+                               f"({waiting.get('message') or waiting['reason']}); set spec.image to an image the nodes can pull")
+            if waiting.get("reason") == "CreateContainerConfigError" and SECRET_MISSING.search(waiting.get("message", "")):
+                return Problem(reason="SecretNotFound", message=f"spec.storage.credentialsSecret: pod {name} cannot start: "
+                               f"{waiting['message']}; create the Secret in the job's namespace with the keys the spec names")
+        for cond in (pod.get("status") or {}).get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
+                return Problem(reason="Unschedulable", message=f"spec.resources: pod {name} fits no node ({cond.get('message')}); "
+                               "ask for less (nodes, cpusPerWorker, memoryPerWorker, gpusPerNode, head) or add nodes")
+    return None
+
+
+def queued(suspend: bool, queue_name: str | None, rayjob: dict | None) -> bool:
+    """Suspended by Kueue, not by the user: waiting in its queue for quota."""
+    return bool(queue_name) and not suspend and rayjob is not None and bool(rayjob.get("spec", {}).get("suspend"))
+
+
+def phase_of(suspend: bool, queue_name: str | None, seen: Observed) -> tuple[State, str, str]:
+    """(phase, reason, message) from what KubeRay and Kueue report and what the run reported."""
+    rayjob, progress, problem = seen.rayjob, seen.progress or Progress(), seen.problem
+    st = seen.rayjob_status
     deployment, job_status = st.get("jobDeploymentStatus", ""), st.get("jobStatus", "")
+    if progress.state == State.FAILED and progress.reason == INVALID_INPUT:  # no retry can help: failed at once
+        return State.FAILED, INVALID_INPUT, progress.error or "invalid input"
+    if queued(suspend, queue_name, rayjob):
+        return State.SUSPENDED, "Queued", f"waiting for Kueue to admit it from queue {queue_name}" + (f": {seen.queue}" if seen.queue else "")
     if deployment in ("Suspending", "Suspended") or (suspend and rayjob is None):
-        return "Suspended", deployment or "Suspended", "the Ray cluster is stopped; suspend: false resumes from the latest checkpoint"
+        return State.SUSPENDED, deployment or "Suspended", "the Ray cluster is stopped; suspend: false resumes from the latest checkpoint"
     if deployment == "Complete" and job_status == "SUCCEEDED":
-        return "Succeeded", "Succeeded", f"model exported to {progress.get('model_uri', 'storage')}"
+        return State.SUCCEEDED, "Succeeded", f"model exported to {progress.model_uri or 'storage'}"
     if deployment == "Failed" or (deployment == "Complete" and job_status in ("FAILED", "STOPPED")):
-        message = progress.get("error") or st.get("message") or "the Ray job failed"
-        return "Failed", st.get("reason") or "RayJobFailed", message
+        return State.FAILED, progress.reason or st.get("reason") or "RayJobFailed", progress.error or st.get("message") or "the Ray job failed"
     if rayjob is None and problem is not None:
-        return "Pending", problem.reason, problem.message
+        return State.PENDING, problem.reason, problem.message
     if rayjob is None:
-        return "Pending", "Creating", "creating the RayJob"
+        return State.PENDING, "Creating", "creating the RayJob"
     if deployment == "Running":
-        if progress.get("kind") == "sweep":
-            return "Running", "Searching", f"{_done(progress)} of {progress['max_trials']} trials done"
-        return "Running", "Training", f"step {progress['step']} of {progress['total_steps']}" if progress.get("step") else "starting"
+        if progress.kind == "sweep" and progress.max_trials:
+            return State.RUNNING, "Searching", f"{progress.trials_done} of {progress.max_trials} trials done"
+        return State.RUNNING, "Training", f"step {progress.step} of {progress.total_steps}" if progress.step else "starting"
     if deployment == "Retrying":
-        return "Initializing", "Retrying", f"attempt {st.get('failed', 0) + 1} starts a new Ray cluster and resumes from the latest checkpoint"
-    return "Initializing", "Initializing", "starting the Ray cluster"
+        return State.INITIALIZING, "Retrying", f"attempt {st.get('failed', 0) + 1} starts a new Ray cluster and resumes from the latest checkpoint"
+    if problem is not None:  # e.g. pod_problem: the reason it is stuck, not a generic "starting"
+        return State.INITIALIZING, problem.reason, problem.message
+    return State.INITIALIZING, "Initializing", "starting the Ray cluster"
 
 
-def conditions(phase: str, reason: str, message: str, problem: Problem | None, generation: int | None,
-               previous: list[dict], now: str) -> list[dict]:
+def conditions(phase: State, reason: str, message: str, problem: Problem | None, generation: int | None,
+               previous: list[dict], now: str) -> list[Condition]:
     """One condition per type, in Kubernetes' shape; lastTransitionTime moves only when the
     condition's status changes."""
     before = {c["type"]: c for c in previous}
@@ -71,88 +120,77 @@ def conditions(phase: str, reason: str, message: str, problem: Problem | None, g
             why, text = (reason, message) if true else (f"Not{kind}", f"phase is {phase}")
         status = "True" if true else "False"
         old = before.get(kind)
-        out.append({
-            "type": kind,
-            "status": status,
-            "reason": why,
-            "message": text,
-            "lastTransitionTime": old["lastTransitionTime"] if old and old["status"] == status else now,
-            "observedGeneration": generation,
-        })
+        out.append(Condition(
+            type=kind, status=status, reason=why, message=text, observed_generation=generation,
+            last_transition_time=old["lastTransitionTime"] if old and old["status"] == status else now,
+        ))
     return out
 
 
-def _common(suspend: bool, generation: int | None, rayjob: dict | None, progress: dict, previous: dict,
-            now: float, problem: Problem | None) -> dict:
-    """What every kind's status has: phase, reason, message, conditions, attempts, rayJobName."""
-    phase, reason, message = phase_of(suspend, rayjob, progress, problem)
-    status = {
-        "phase": phase,
-        "reason": reason,
-        "message": message,
-        "observedGeneration": generation,
-        "attempts": (rayjob or {}).get("status", {}).get("failed", 0) + 1,
-        "conditions": conditions(phase, reason, message, problem, generation, previous.get("conditions", []), _rfc3339(now)),
+def _common(obj: FineTuneJob | FineTuneSweep, suspend: bool, queue_name: str | None, seen: Observed, previous: dict,
+            now: float) -> dict:
+    """The fields every kind's status has: phase, reason, message, conditions, attempts, rayJobName, modelURI."""
+    phase, reason, message = phase_of(suspend, queue_name, seen)
+    generation = obj.metadata.generation
+    progress = seen.progress
+    model_uri = progress.model_uri if progress is not None else previous.get("modelURI")
+    return {
+        "phase": phase, "reason": reason, "message": message, "observed_generation": generation,
+        "attempts": seen.rayjob_status.get("failed", 0) + 1,
+        "conditions": conditions(phase, reason, message, seen.problem, generation, previous.get("conditions", []), _rfc3339(now)),
+        "ray_job_name": seen.rayjob["metadata"]["name"] if seen.rayjob is not None else previous.get("rayJobName"),
+        "model_uri": model_uri if phase == State.SUCCEEDED else None,
     }
-    if rayjob is not None:
-        status["rayJobName"] = rayjob["metadata"]["name"]
-    if phase == "Succeeded" and progress.get("model_uri"):
-        status["modelURI"] = progress["model_uri"]
+
+
+def build_status(job: FineTuneJob, seen: Observed, previous: dict | None, now: float) -> JobStatus:
+    """A FineTuneJob's status. Without a report since the operator started, the progress
+    fields stay what the previous status said."""
+    previous = previous or {}
+    status = JobStatus(**_common(job, job.spec.suspend, job.spec.queue_name, seen, previous, now))
+    p = seen.progress
+    if p is None:
+        carried = {k: previous[k] for k in ("progress", "metrics", "latestCheckpoint", "checkpoints", "resumes") if previous.get(k)}
+        return JobStatus.model_validate({**status.wire(), **carried})
+    if p.total_steps:
+        status.progress = StepProgress(step=p.step, total_steps=p.total_steps, percent=int(100 * (p.step or 0) / p.total_steps))
+        if status.phase == State.RUNNING and p.steps_per_second:
+            status.estimated_finish = _rfc3339(p.updated + (p.total_steps - (p.step or 0)) / p.steps_per_second)
+    status.metrics = {_camel(k): v for k, v in p.metrics.items()} or None
+    if p.latest_checkpoint:
+        status.latest_checkpoint = p.latest_checkpoint
+        status.checkpoints = [CheckpointStatus(step=c.step, uri=c.uri, eval_loss=c.eval_loss)
+                              for c in reversed(p.checkpoints[-CHECKPOINTS_SHOWN:])]
+    if p.resumes:  # each a continuation from a checkpoint: a lost worker, a retry, a resume after suspend
+        status.resumes = [ResumeStatus(step=r.step, checkpoint=r.checkpoint) for r in p.resumes[-CHECKPOINTS_SHOWN:]]
     return status
 
 
-def build_status(job: FineTuneJob, rayjob: dict | None, progress: dict | None, previous: dict | None,
-                 now: float, problem: Problem | None = None) -> dict:
-    progress, previous = progress or {}, previous or {}
-    status = _common(job.spec.suspend, job.metadata.generation, rayjob, progress, previous, now, problem)
-    phase = status["phase"]
-    if progress.get("total_steps"):
-        step, total = progress["step"], progress["total_steps"]
-        status["progress"] = {"step": step, "totalSteps": total, "percent": int(100 * step / total)}
-        rate = progress.get("steps_per_second")
-        if phase == "Running" and rate:
-            status["estimatedFinish"] = _rfc3339(progress["updated"] + (total - step) / rate)
-    metrics = {_camel(k): v for k, v in progress.get("metrics", {}).items() if isinstance(v, int | float) and not isinstance(v, bool)}
-    if metrics:
-        status["metrics"] = metrics
-    if progress.get("latest_checkpoint"):
-        status["latestCheckpoint"] = progress["latest_checkpoint"]
-        status["checkpoints"] = [
-            {"step": c["step"], "uri": c["uri"], **({"evalLoss": c["eval_loss"]} if c.get("eval_loss") is not None else {})}
-            for c in reversed(progress.get("checkpoints", [])[-CHECKPOINTS_SHOWN:])
-        ]
+def build_sweep_status(sweep: FineTuneSweep, seen: Observed, previous: dict | None, now: float) -> SweepStatus:
+    """A FineTuneSweep's status: the common part plus one entry per trial (name, params, state,
+    metric, step), the best trial so far and trials done of maxTrials."""
+    previous = previous or {}
+    status = SweepStatus(**_common(sweep, sweep.spec.suspend, sweep.spec.template.queue_name, seen, previous, now))
+    p = seen.progress
+    if p is None:
+        carried = {k: previous[k] for k in ("trialsDone", "progress", "trials", "bestTrial") if previous.get(k)}
+        return SweepStatus.model_validate({**status.wire(), **carried})
+    total = sweep.spec.max_trials
+    status.trials_done = f"{p.trials_done}/{total}"
+    status.progress = StepProgress(percent=int(100 * p.trials_done / total))
+    status.trials = [TrialStatus(name=t.name, params=t.params, state=t.state, metric=t.metric, step=t.step if t.total_steps else None,
+                                 total_steps=t.total_steps) for t in p.trials] or None
+    status.best_trial = BestTrial.model_validate(p.best_trial.wire()) if p.best_trial else None
     return status
 
 
-def invalid_status(generation: int | None, message: str, previous: dict | None, now: float) -> dict:
+def invalid_status(generation: int | None, message: str, previous: dict | None, now: float) -> CommonStatus:
     """The status of an object the models reject although the apiserver stored it (a CRD older
     than the operator, a rule only the models know): Failed, naming the field."""
-    problem = Problem("InvalidSpec", message)
-    conds = conditions("Failed", problem.reason, message, problem, generation, (previous or {}).get("conditions", []), _rfc3339(now))
-    return {"phase": "Failed", "reason": problem.reason, "message": message, "observedGeneration": generation, "conditions": conds}
+    problem = Problem(reason="InvalidSpec", message=message)
+    conds = conditions(State.FAILED, problem.reason, message, problem, generation, (previous or {}).get("conditions", []), _rfc3339(now))
+    return CommonStatus(phase=State.FAILED, reason=problem.reason, message=message, observed_generation=generation, conditions=conds)
 
 
-def _done(progress: dict) -> int:
-    return sum(t["state"] in TRIAL_DONE for t in progress.get("trials", []))
-
-
-def build_sweep_status(sweep: FineTuneSweep, rayjob: dict | None, progress: dict | None, previous: dict | None,
-                       now: float, problem: Problem | None = None) -> dict:
-    """A FineTuneSweep's status: the common part plus one entry per trial (name, params,
-    state, metric, step), the best trial so far and trials done of maxTrials."""
-    progress, previous = progress or {}, previous or {}
-    status = _common(sweep.spec.template.suspend, sweep.metadata.generation, rayjob, progress, previous, now, problem)
-    total = sweep.spec.max_trials
-    done = _done(progress)
-    status["trialsDone"] = f"{done}/{total}"
-    status["progress"] = {"percent": int(100 * done / total)}
-    if progress.get("trials"):
-        status["trials"] = [
-            {"name": t["name"], "params": t["params"], "state": t["state"],
-             **({"metric": t["metric"]} if t.get("metric") is not None else {}),
-             **({"step": t["step"], "totalSteps": t["total_steps"]} if t.get("total_steps") else {})}
-            for t in progress["trials"]
-        ]
-    if progress.get("best_trial"):
-        status["bestTrial"] = progress["best_trial"]
-    return status
+def finished(status: dict | None) -> bool:
+    return (status or {}).get("phase") in FINAL

@@ -97,8 +97,8 @@ Name of the dev MinIO's Deployment, Service and credentials Secret.
 
 {{/*
 What the operator does in the namespaces it watches; a ClusterRole holds these rules in
-cluster-wide mode, a Role per watched namespace otherwise. Secrets: get only, by name
-(spec.storage.credentialsSecret); never list or watch them.
+cluster-wide mode, a Role per watched namespace otherwise. No Secrets: runs report their
+progress themselves, and a missing Secret shows in the pods' status.
 */}}
 {{- define "finetune-operator.watchRules" -}}
 - apiGroups: ["finetune.dev"]
@@ -110,9 +110,16 @@ cluster-wide mode, a Role per watched namespace otherwise. Secrets: get only, by
 - apiGroups: ["ray.io"]
   resources: ["rayjobs"]
   verbs: ["get", "list", "watch", "create", "patch"]
+# The Ray pods (watched): why a job's pods do not start (a missing Secret, an image that cannot
+# be pulled, a pod too big for any node) becomes its status reason; get: the pod a report's
+# token is bound to, which must be one of the job's.
 - apiGroups: [""]
-  resources: ["secrets"]
-  verbs: ["get"]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
+# Kueue's Workload of a queued job: why it is not admitted yet.
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["list"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "patch"]
@@ -126,4 +133,11 @@ Leader-election Lease: its name, passed to the operator and named in the Role.
 */}}
 {{- define "finetune-operator.leaseName" -}}
 {{- include "finetune-operator.fullname" . }}
+{{- end }}
+
+{{/*
+Where the Ray pods send their progress reports: the reports Service.
+*/}}
+{{- define "finetune-operator.reportURL" -}}
+{{- printf "http://%s-reports.%s.svc:%d/v1/progress" (include "finetune-operator.fullname" . | trunc 55 | trimSuffix "-") .Release.Namespace (int .Values.reports.port) }}
 {{- end }}

@@ -1,0 +1,32 @@
+"""Parameter groups and learning rates of the methods (no Ray): discriminative learning rates."""
+
+import pytest
+import torch
+
+from conftest import TINY_BERT, make_job
+from finetune_train.engine import optimizer, param_groups, schedule
+from finetune_train.modeling import build_model, layout, load_tokenizer, materialize, resolve_source
+
+pytestmark = pytest.mark.unit
+
+
+def test_layerwise_lr_decay_gives_each_block_lr_times_decay_to_its_depth(tmp_path):
+    job = make_job("lld", tmp_path, TINY_BERT, training={"lr": 0.1, "scheduler": "constant", "layerwiseLrDecay": 0.5})
+    spec = job.spec
+    path = materialize(resolve_source(spec.model.source), None)
+    model = build_model(spec, path, load_tokenizer(spec, path), pretrained=True)
+    parts = layout(model)
+    groups = param_groups(model, spec, parts)
+    opt = optimizer(groups, spec)
+    scheduler = schedule(spec, 10, groups, len(parts.blocks))(opt)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    n = len(parts.blocks)  # 2: the head (above the blocks) and the top block get 0.1, the block under it 0.05, embeddings 0.025
+    assert all(lr_of[id(p)] == pytest.approx(0.1) for p in parts.top)
+    for i, block in enumerate(parts.blocks):
+        assert all(lr_of[id(p)] == pytest.approx(0.1 * 0.5 ** (n - 1 - i)) for p in block), i
+    assert all(lr_of[id(p)] == pytest.approx(0.1 * 0.5 ** n) for p in parts.embeddings)
+    opt.step()
+    scheduler.step()  # the schedule keeps the ratios at every step
+    assert sorted({round(g["lr"], 6) for g in opt.param_groups}) == [0.025, 0.05, 0.1]
+    assert sum(len(g["params"]) for g in groups) == sum(1 for p in model.parameters() if p.requires_grad)
+    assert torch.is_tensor(groups[0]["params"][0])

@@ -1,0 +1,307 @@
+"""The Reconciler and the Lease against a recording client, in the unit tier (KubeRay's
+controller unit tests do the same with a fake client): what is applied, written and posted for
+each thing observed. The real-control-plane tier (test_operator.py) runs the same behaviour
+through kopf and a real apiserver."""
+
+from __future__ import annotations
+
+import copy
+import json
+from datetime import datetime, timezone
+from types import SimpleNamespace
+
+import pytest
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from conftest import TINY_LLAMA, job_doc
+from finetune_operator.builders import SPEC_HASH, Settings
+from finetune_operator.leader import ADDRESS, LeaderElector
+from finetune_operator.reconcile import FIELD_MANAGER, STALE_SECONDS, Apis, Reconciler, Rejected
+
+pytestmark = pytest.mark.unit
+
+UID = "6c1e0b8a-3d0f-4c52-9d7e-2b8f7f0f1a11"
+TOKEN = "projected-token-of-the-head"
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Recording:
+    """Stands in for CustomObjectsApi, CoreV1Api and AuthenticationV1Api: keeps the objects
+    the reconciler applies and the statuses it writes, serves pods and token reviews."""
+
+    def __init__(self):
+        self.rayjobs: dict[tuple[str, str], dict] = {}
+        self.calls: list[tuple] = []
+        self.statuses: list[dict] = []
+        self.pods: dict[tuple[str, str], client.V1Pod] = {}
+        self.tokens: dict[str, tuple[str, str, str]] = {}  # token -> (namespace, pod, pod uid)
+        self.workloads: list[dict] = []
+
+    # CustomObjectsApi
+    def get_namespaced_custom_object(self, group, version, ns, plural, name):
+        self.calls.append(("get", plural, name))
+        if (ns, name) not in self.rayjobs:
+            raise ApiException(status=404, reason="Not Found")
+        return copy.deepcopy(self.rayjobs[ns, name])
+
+    def patch_namespaced_custom_object(self, group, version, ns, plural, name, body, field_manager=None, force=None,
+                                       _content_type=None, _preload_content=True):
+        self.calls.append(("apply", plural, name, field_manager, force, _content_type))
+        obj = self.rayjobs.setdefault((ns, name), {"status": {}})
+        obj.update({k: copy.deepcopy(v) for k, v in body.items() if k != "status"})
+        return SimpleNamespace(data=json.dumps(obj).encode())  # the raw response
+
+    def patch_namespaced_custom_object_status(self, group, version, ns, plural, name, body, field_manager=None, force=None,
+                                              _content_type=None, _preload_content=True):
+        self.calls.append(("status", plural, name, field_manager, force, _content_type))
+        self.statuses.append(copy.deepcopy(body["status"]))
+        return SimpleNamespace(data=json.dumps(body).encode())
+
+    def list_namespaced_custom_object(self, group, version, ns, plural, label_selector=None):
+        self.calls.append(("list", plural, label_selector))
+        return {"items": self.workloads}
+
+    # CoreV1Api
+    def read_namespaced_pod(self, name, ns):
+        if (ns, name) not in self.pods:
+            raise ApiException(status=404, reason="Not Found")
+        return self.pods[ns, name]
+
+    # AuthenticationV1Api
+    def create_token_review(self, review: client.V1TokenReview):
+        self.calls.append(("tokenreview",))
+        known = self.tokens.get(review.spec.token)
+        if known is None or review.spec.audiences != ["finetune-operator"]:
+            return client.V1TokenReview(spec=review.spec, status=client.V1TokenReviewStatus(authenticated=False, error="invalid bearer token"))
+        ns, pod, pod_uid = known
+        user = client.V1UserInfo(username=f"system:serviceaccount:{ns}:default", extra={
+            "authentication.kubernetes.io/pod-name": [pod], "authentication.kubernetes.io/pod-uid": [pod_uid]})
+        return client.V1TokenReview(spec=review.spec, status=client.V1TokenReviewStatus(
+            authenticated=True, audiences=["finetune-operator"], user=user))
+
+    def count(self, what: str) -> int:
+        return sum(c[0] == what for c in self.calls)
+
+
+@pytest.fixture
+def fake():
+    return Recording()
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def events():
+    return []
+
+
+@pytest.fixture
+def reconciler(fake, clock, events):
+    return Reconciler(Apis(fake, fake, fake), Settings(report_url="http://op:8081/v1/progress"),
+                      post_event=lambda body, type, reason, message: events.append((type, reason)), clock=clock)
+
+
+def body(tmp_path, **spec) -> dict:
+    doc = job_doc("sft", tmp_path, TINY_LLAMA, **spec)
+    doc["metadata"].update(namespace="team-a", uid=UID, generation=1)
+    return doc
+
+
+def kuberay(fake: Recording, **status) -> dict:
+    """The RayJob as the watch delivers it after KubeRay wrote its status."""
+    rj = fake.rayjobs["team-a", "sft"]
+    rj["status"] = {"rayClusterName": "sft-raycluster-abcde", **status}
+    return copy.deepcopy(rj)
+
+
+def head_pod(fake: Recording, job: str = "sft", cluster: str = "sft-raycluster-abcde") -> None:
+    fake.pods["team-a", "sft-head"] = client.V1Pod(metadata=client.V1ObjectMeta(
+        name="sft-head", namespace="team-a", uid="pod-uid", labels={"finetune.dev/job": job, "ray.io/cluster": cluster}))
+    fake.tokens[TOKEN] = ("team-a", "sft-head", "pod-uid")
+
+
+def report(step: int, updated: float, **extra) -> dict:
+    progress = {"state": "Running", "step": step, "totalSteps": 10, "updated": updated, "metrics": {"train_loss": 2.0 - step / 10}, **extra}
+    return {"kind": "FineTuneJob", "namespace": "team-a", "name": "sft", "uid": UID, "progress": progress}
+
+
+def test_a_new_job_gets_its_rayjob_applied_once_and_one_status_per_change(reconciler, fake, events, tmp_path):
+    job = body(tmp_path)
+    status = reconciler.reconcile(job, None)
+    (apply,) = [c for c in fake.calls if c[0] == "apply"]
+    assert apply == ("apply", "rayjobs", "sft", FIELD_MANAGER, True, "application/apply-patch+yaml")
+    assert status["phase"] == "Initializing" and fake.count("status") == 1 and events == [("Normal", "Initializing")]
+    rayjob = copy.deepcopy(fake.rayjobs["team-a", "sft"])
+    assert SPEC_HASH in rayjob["metadata"]["annotations"]
+    # The same again (the watch delivering what was just written): nothing to apply, nothing to write.
+    reconciler.reconcile({**job, "status": status}, rayjob)
+    assert fake.count("apply") == 1 and fake.count("status") == 1 and len(events) == 1
+    # KubeRay moves the RayJob on: one status write and one Event, still no apply.
+    reconciler.reconcile(job, kuberay(fake, jobDeploymentStatus="Running", jobStatus="RUNNING"))
+    assert fake.count("apply") == 1 and fake.count("status") == 2 and events[-1] == ("Normal", "Training")
+    # A spec change moves the hash: applied again.
+    reconciler.reconcile(body(tmp_path, resources={"nodes": 3}), kuberay(fake, jobDeploymentStatus="Running"))
+    assert fake.count("apply") == 2
+    assert fake.rayjobs["team-a", "sft"]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 3
+
+
+def test_a_rayjob_of_the_same_name_that_is_not_ours_is_left_alone(reconciler, fake, tmp_path):
+    fake.rayjobs["team-a", "sft"] = {"metadata": {"name": "sft", "namespace": "team-a", "ownerReferences": []}, "spec": {}}
+    status = reconciler.reconcile(body(tmp_path), None)
+    assert fake.count("apply") == 0
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "RayJobNameTaken"
+
+
+def test_a_report_reaches_the_status_and_only_from_the_jobs_own_pods(reconciler, fake, tmp_path):
+    job = body(tmp_path)
+    reconciler.reconcile(job, None)
+    rayjob = kuberay(fake, jobDeploymentStatus="Running", jobStatus="RUNNING")
+    head_pod(fake)
+    reconciler.receive(TOKEN, report(4, 10.0))
+    status = reconciler.reconcile(job, rayjob)
+    assert status["progress"] == {"step": 4, "totalSteps": 10, "percent": 40} and status["metrics"]["trainLoss"] == pytest.approx(1.6)
+    reconciler.receive(TOKEN, report(3, 9.0))  # an older report, arriving late, does not win
+    assert reconciler.reconcile(job, rayjob)["progress"]["step"] == 4
+    assert fake.count("tokenreview") == 1  # the verified token is remembered for a while
+
+    with pytest.raises(Rejected) as err:
+        reconciler.receive("forged", report(5, 11.0))
+    assert err.value.code == 401
+    with pytest.raises(Rejected) as err:
+        reconciler.receive(TOKEN, {**report(5, 11.0), "name": "other-job"})
+    assert err.value.code == 403 and "does not run FineTuneJob team-a/other-job" in str(err.value)
+    with pytest.raises(Rejected) as err:
+        reconciler.receive(TOKEN, {"kind": "FineTuneJob"})
+    assert err.value.code == 400
+
+
+def test_a_report_from_another_ray_cluster_is_not_this_attempts(reconciler, fake, tmp_path):
+    job = body(tmp_path)
+    reconciler.reconcile(job, None)
+    head_pod(fake, cluster="sft-raycluster-old")  # a pod of the cluster before a retry
+    reconciler.receive(TOKEN, report(4, 10.0))
+    assert "progress" not in reconciler.reconcile(job, kuberay(fake, jobDeploymentStatus="Running"))
+
+
+def test_invalid_input_fails_at_once_and_kuberay_retries_nothing(reconciler, fake, events, tmp_path):
+    job = body(tmp_path, retries=3)
+    reconciler.reconcile(job, None)
+    assert fake.rayjobs["team-a", "sft"]["spec"]["backoffLimit"] == 3
+    head_pod(fake)
+    failed = report(0, 10.0, state="Failed", reason="InvalidInput", error="spec.dataset.train row 0: no column 'label'")
+    reconciler.receive(TOKEN, failed)
+    status = reconciler.reconcile(job, kuberay(fake, jobDeploymentStatus="Running"))
+    assert (status["phase"], status["reason"]) == ("Failed", "InvalidInput") and "no column 'label'" in status["message"]
+    assert fake.rayjobs["team-a", "sft"]["spec"]["backoffLimit"] == 0  # applied before KubeRay sees the driver exit
+    assert events[-1] == ("Warning", "InvalidInput")
+
+
+def test_a_run_that_stops_reporting_shows_it(reconciler, fake, clock, tmp_path):
+    job = body(tmp_path)
+    reconciler.reconcile(job, None)
+    rayjob = kuberay(fake, jobDeploymentStatus="Running")
+    head_pod(fake)
+    reconciler.receive(TOKEN, report(4, 10.0))
+    assert reconciler.reconcile(job, rayjob, check=True)["conditions"][0]["status"] == "True"
+    clock.now += STALE_SECONDS + 1
+    status = reconciler.reconcile(job, rayjob, check=True)
+    ready = status["conditions"][0]
+    assert (ready["type"], ready["status"], ready["reason"]) == ("Ready", "False", "ReportsStopped")
+    assert status["phase"] == "Running" and "ray.io/cluster=sft-raycluster-abcde" in ready["message"]
+    reconciler.receive(TOKEN, {**report(5, 20.0), "progress": None} | {"progress": report(5, 20.0)["progress"]})
+    assert reconciler.reconcile(job, rayjob)["conditions"][0]["status"] == "True"
+
+
+def test_pods_that_cannot_start_name_the_missing_secret(reconciler, fake, tmp_path):
+    job = body(tmp_path, storage={"uri": "s3://b/runs", "credentialsSecret": {"name": "s3-creds"}})
+    reconciler.reconcile(job, None)
+    head = {"metadata": {"name": "sft-head"}, "status": {"containerStatuses": [{"name": "ray-head", "state": {"waiting": {
+        "reason": "CreateContainerConfigError", "message": 'secret "s3-creds" not found'}}}]}}
+    status = reconciler.reconcile(job, kuberay(fake, jobDeploymentStatus="Initializing"), [head])
+    assert (status["phase"], status["reason"]) == ("Initializing", "SecretNotFound") and "s3-creds" in status["message"]
+    # Once the cluster runs, pod trouble is KubeRay's to handle: the status says what the run says.
+    assert reconciler.reconcile(job, kuberay(fake, jobDeploymentStatus="Running"), [head])["reason"] == "Training"
+
+
+def test_a_queued_job_says_why_kueue_waits(reconciler, fake, tmp_path):
+    job = body(tmp_path, queueName="gpu")
+    reconciler.reconcile(job, None)
+    assert fake.rayjobs["team-a", "sft"]["spec"]["suspend"] is True
+    fake.workloads = [{"status": {"conditions": [{"type": "QuotaReserved", "status": "False",
+                                                  "message": "couldn't assign flavors to pod set workers: insufficient unused quota"}]}}]
+    rayjob = copy.deepcopy(fake.rayjobs["team-a", "sft"])
+    rayjob["metadata"]["uid"] = "rj-uid"
+    status = reconciler.reconcile(job, rayjob, check=True)
+    assert (status["phase"], status["reason"]) == ("Suspended", "Queued") and "insufficient unused quota" in status["message"]
+    assert ("list", "workloads", "kueue.x-k8s.io/job-uid=rj-uid") in fake.calls
+
+
+def test_a_finished_job_whose_rayjob_is_gone_is_not_trained_again(reconciler, fake, tmp_path):
+    job = body(tmp_path)
+    reconciler.reconcile(job, None)
+    done = reconciler.reconcile(job, kuberay(fake, jobDeploymentStatus="Complete", jobStatus="SUCCEEDED"))
+    assert done["phase"] == "Succeeded"
+    applied = fake.count("apply")
+    reconciler.reconcile({**job, "status": done}, None)
+    assert fake.count("apply") == applied
+
+
+# ---- the Lease
+
+
+class Leases:
+    """Stands in for CoordinationV1Api: one Lease, compare-and-swap on resourceVersion."""
+
+    def __init__(self):
+        self.lease: client.V1Lease | None = None
+        self.version = 0
+
+    def read_namespaced_lease(self, name, ns):
+        if self.lease is None:
+            raise ApiException(status=404, reason="Not Found")
+        return copy.deepcopy(self.lease)
+
+    def create_namespaced_lease(self, ns, lease):
+        if self.lease is not None:
+            raise ApiException(status=409, reason="Conflict")
+        self._store(lease)
+
+    def replace_namespaced_lease(self, name, ns, lease):
+        if lease.metadata.resource_version != self.lease.metadata.resource_version:
+            raise ApiException(status=409, reason="Conflict")
+        self._store(lease)
+
+    def _store(self, lease):
+        self.version += 1
+        lease = copy.deepcopy(lease)
+        lease.metadata.resource_version = str(self.version)
+        self.lease = lease
+
+
+def test_one_replica_leads_the_other_takes_over_only_after_a_whole_lease_duration(clock):
+    leases = Leases()
+    a = LeaderElector(leases, "op", "ns", "a", address="http://10.0.0.1:8081/v1/progress", clock=clock)
+    b = LeaderElector(leases, "op", "ns", "b", address="http://10.0.0.2:8081/v1/progress", clock=clock)
+    assert a.try_acquire() and not b.try_acquire()
+    assert b.leader_address() == "http://10.0.0.1:8081/v1/progress"  # where b redirects reports
+    leases.lease.spec.renew_time = datetime.now(timezone.utc)  # a renews: the record moves
+    clock.now += 14
+    assert not b.try_acquire()  # a's renewal was seen 0 s ago by b's clock
+    clock.now += 16
+    assert b.try_acquire() and leases.lease.spec.holder_identity == "b"  # a went silent for a whole duration
+    assert leases.lease.metadata.annotations[ADDRESS] == "http://10.0.0.2:8081/v1/progress"
+    assert leases.lease.spec.lease_transitions == 1
+    b.release()
+    assert leases.lease.spec.holder_identity is None and a.try_acquire()  # handed over at once
