@@ -257,7 +257,7 @@ def train_loop(config: dict) -> None:
         if parts is not None and spec.method.freeze:
             metrics["unfrozen_blocks"] = unfrozen_blocks(spec.method.freeze, step, len(parts.blocks))
         state["train"].append(
-            {k: metrics[k] for k in ("step", "train_loss", "tokens_per_s", "unfrozen_blocks") if k in metrics}
+            {k: metrics[k] for k in ("step", "train_loss", "tokens_per_s", "padding", "unfrozen_blocks") if k in metrics}
         )
         improved = False
         if due_eval:
