@@ -164,7 +164,7 @@ def plain_worker(rank: int, world: int, port: int, job_doc: dict, args, threads:
     engine.train()
     windows, window_loss, window_tokens, window_start = [], [], 0, time.perf_counter()
     accumulation = t.gradient_accumulation_steps
-    for step, micro_batches in train.steps(accumulation, 0, train.per_epoch // accumulation):
+    for step, (_, micro_batches) in enumerate(train.steps(accumulation, (0, 0))):  # 0-based steps, from the start
         if step == args.warmup + args.steps:
             break
         for batch in micro_batches:
