@@ -138,6 +138,25 @@ def wait_for(what: str, fn, timeout: float = 60.0, every: float = 0.5):
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_serving(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Until the server `proc` answers HTTP at `url`; fails with its log if it exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{proc.args[:4]} did not start at {url}:\n{log.read_text()[-3000:]}") from None
+            time.sleep(0.2)
+
+
 # Recognisable credentials: the moto server accepts any, and tests scan outputs for them.
 S3_KEY_ID, S3_SECRET = "AKIAFINETUNECANARY01", "canary-secret-7f3a9c2e51d84b06"
 
@@ -148,23 +167,13 @@ class S3Server:
     losing its in-memory buckets."""
 
     def __init__(self, log: Path):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         self.endpoint = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
             stdout=log.open("wb"), stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(self.endpoint, timeout=1)
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server did not start; see {log}")
-                time.sleep(0.2)
+        wait_serving(self.endpoint, self.proc, log, 60)
 
     def client(self):
         import boto3

@@ -37,17 +37,22 @@ def watch_placement(seen: dict, stop: threading.Event, workers: int = 2) -> None
                 seen.update(strategy=pg["strategy"], nodes=sorted(pg["bundles_to_node_id"].values()))
 
 
-def test_one_worker_per_node_trains_and_checkpoints(two_nodes, tmp_path):
-    job = make_job("multinode", tmp_path, TINY_LLAMA, deepspeed={"zeroStage": 2}, checkpointing={"everySteps": 3})
-    paths = paths_for(job)
+def run_watched(job, paths, workers: int):
+    """launch.run on the cluster, and where its `workers` were placed (watch_placement's record)."""
     seen, stop = {}, threading.Event()
-    watcher = threading.Thread(target=watch_placement, args=(seen, stop))
+    watcher = threading.Thread(target=watch_placement, args=(seen, stop, workers))
     watcher.start()
     try:
-        result = launch.run(job, paths, local=False)
+        return launch.run(job, paths, local=False), seen
     finally:
         stop.set()
         watcher.join()
+
+
+def test_one_worker_per_node_trains_and_checkpoints(two_nodes, tmp_path):
+    job = make_job("multinode", tmp_path, TINY_LLAMA, deepspeed={"zeroStage": 2}, checkpointing={"everySteps": 3})
+    paths = paths_for(job)
+    result, seen = run_watched(job, paths, 2)
     assert result.error is None, result.error
     assert seen == {"strategy": "STRICT_SPREAD", "nodes": sorted(two_nodes)}
     progress = Progress.model_validate_json(Path(paths.progress).read_text())
@@ -63,14 +68,7 @@ def test_two_workers_on_each_of_two_nodes_train(two_nodes, tmp_path):
     job = make_job("twobytwo", tmp_path, TINY_LLAMA, resources={"nodes": 2, "workersPerNode": 2}, deepspeed={"zeroStage": 2})
     assert job.spec.resources.workers == 4
     paths = paths_for(job)
-    seen, stop = {}, threading.Event()
-    watcher = threading.Thread(target=watch_placement, args=(seen, stop, 4))
-    watcher.start()
-    try:
-        result = launch.run(job, paths, local=False)
-    finally:
-        stop.set()
-        watcher.join()
+    result, seen = run_watched(job, paths, 4)
     assert result.error is None, result.error
     assert sorted(seen["nodes"]) == sorted([two_nodes[0]] * 2 + [two_nodes[1]] * 2), seen
     assert result.state == "Succeeded" and result.step == 6

@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import S3_KEY_ID, S3_SECRET, TINY_LLAMA, job_doc
+from conftest import S3_KEY_ID, S3_SECRET, TINY_LLAMA, free_port, job_doc, wait_serving
 from finetune_api.status import Progress
 from finetune_train.tracking import flatten
 from test_storage import Bucket, Run, wait_for
@@ -29,9 +26,7 @@ class MlflowServer:
     into a bucket of the moto server."""
 
     def __init__(self, root: Path, s3):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         bucket = s3.bucket(f"mlflow-{self.port}")
         env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3.endpoint, "AWS_ACCESS_KEY_ID": S3_KEY_ID,
@@ -42,15 +37,7 @@ class MlflowServer:
              "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", f"s3://{bucket}/artifacts"],
             stdout=self.log.open("wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=1)
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server did not start:\n{self.log.read_text()[-3000:]}")
-                time.sleep(0.5)
+        wait_serving(f"{self.uri}/health", self.proc, self.log, 120)
 
     def client(self):
         from mlflow.tracking import MlflowClient
