@@ -98,7 +98,7 @@ def test_gpus_scheduling_and_image_reach_the_pods(tmp_path):
         assert pod["affinity"] == scheduling["affinity"] and pod["priorityClassName"] == "training-high"
         assert pod["containers"][0]["image"] == "registry.local/trainer:dev"
     worker = p["worker"]["containers"][0]["resources"]
-    assert worker["limits"] == {"cpu": "48", "memory": "64Gi", "nvidia.com/gpu": "8"}
+    assert worker["requests"]["cpu"] == "48" and worker["limits"] == {"memory": "64Gi", "nvidia.com/gpu": "8"}
     assert "nvidia.com/gpu" not in p["head"]["containers"][0]["resources"]["limits"]
     assert rj["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 4
 

@@ -474,7 +474,7 @@ class ResourcesSpec(Spec):
     gpus_per_node: int = Field(
         default=0, ge=0, le=16, description="GPUs per node; one training worker per GPU. 0: one CPU worker per node."
     )
-    cpus_per_worker: float = Field(default=1, gt=0, le=512, description="CPUs per training worker.")
+    cpus_per_worker: float = Field(default=1, gt=0, le=512, description="CPUs per training worker: requested, not limited (no CFS throttling; idle CPU is used).")
     memory_per_worker: str | None = Field(
         default=None, pattern=QUANTITY, description="Memory per worker node, a Kubernetes quantity (e.g. 16Gi)."
     )

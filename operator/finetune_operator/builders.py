@@ -153,8 +153,11 @@ def _rayjob(kind: str, owner: FineTuneJob | FineTuneSweep, name: str, s: FineTun
     worker = {"cpu": format(r.cpus_per_worker * r.per_node, "g")}  # a quantity: 48, 0.5
     if r.memory_per_worker:
         worker["memory"] = r.memory_per_worker
-    worker_limits = {**worker, **({"nvidia.com/gpu": str(r.gpus_per_node)} if r.gpus_per_node else {})}
-    head = {"cpu": r.head.cpu, "memory": r.head.memory}  # limited in memory only: see HeadResourcesSpec
+    # CPU is requested, never limited (head and workers): a CFS quota throttles the bursts of
+    # imports and start-up, and stalls every collective on its most throttled rank. Memory and
+    # GPUs are limited.
+    worker_limits = {k: v for k, v in worker.items() if k != "cpu"} | ({"nvidia.com/gpu": str(r.gpus_per_node)} if r.gpus_per_node else {})
+    head = {"cpu": r.head.cpu, "memory": r.head.memory}
     selector = {**MANAGED_BY, KINDS[kind].label: owner.name}
     pod_meta = {"labels": {**s.pod_template.labels, **selector}, **({"annotations": s.pod_template.annotations} if s.pod_template.annotations else {})}
     spec = {
