@@ -67,14 +67,14 @@ def worker(kind: str, rank: int, world: int, port: int, doc: dict) -> None:
     from finetune_train.data import Collator, ShardedBatches, load_splits, model_inputs, token_table
     from finetune_train.engine import deepspeed_config, optimizer, param_groups, schedule
     from finetune_train.loss import summed_loss
-    from finetune_train.modeling import build_model, load_tokenizer, materialize, resolve_source
+    from finetune_train.modeling import build_model, load_tokenizer, model_folder
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     spec = parse_spec(doc["spec"])
-    path = materialize(resolve_source(spec.model.source), None)
+    path = model_folder(spec)
     tokenizer = load_tokenizer(spec, path)
     ds = deepspeed_config(spec)
     if kind == "checkpointing":

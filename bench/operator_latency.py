@@ -161,6 +161,7 @@ def main() -> None:
 
         if args.reports:
             print(line("report -> status", report_latencies(core, custom, names[: args.reports], report_url, stepped)))
+        print(reconciles(port))
     finally:
         stop.set()
         operator.terminate()
@@ -172,6 +173,18 @@ def main() -> None:
                 pass
         if plane is not None:
             plane.down(remove_state=True)
+
+
+def reconciles(port: int) -> str:
+    """Where the operator's time went: its own reconcile count and seconds, by trigger."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples if s.name.startswith("finetune_reconcile_duration_seconds_")]
+    by = {}
+    for s in samples:
+        by.setdefault(s.labels["trigger"], {})[s.name.rsplit("_", 1)[1]] = s.value
+    return "reconciles by trigger: " + ", ".join(f"{t} {v['count']:.0f} ({v['sum']:.1f} s)" for t, v in sorted(by.items()) if "count" in v)
 
 
 def report_latencies(core, custom, names: list[str], report_url: str, stepped: dict) -> list[float]:

@@ -137,7 +137,7 @@ def plain_worker(rank: int, world: int, port: int, job_doc: dict, args, threads:
 
     from finetune_train.data import Collator, ShardedBatches, load_splits, model_inputs, token_table
     from finetune_train.engine import deepspeed_config, optimizer, param_groups, schedule
-    from finetune_train.modeling import build_model, load_tokenizer, materialize, resolve_source
+    from finetune_train.modeling import build_model, load_tokenizer, model_folder
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
@@ -150,7 +150,7 @@ def plain_worker(rank: int, world: int, port: int, job_doc: dict, args, threads:
     spec = parse_job(job_doc).spec
     t = spec.training
     torch.manual_seed(t.seed)
-    path = materialize(resolve_source(spec.model.source), spec.model.gguf_file)
+    path = model_folder(spec)
     tokenizer = load_tokenizer(spec, path)
     split = load_splits(spec, lambda path, name: token_table(path, name, spec, tokenizer), spec.dataset.train).train
     train = ShardedBatches(split, t.micro_batch_size, rank, world, spec.dataset.seed, Collator(split.table, tokenizer.pad_token_id, False))

@@ -39,13 +39,14 @@ def test_defaults(tmp_path):
         assert pod["terminationGracePeriodSeconds"] == 120 + 30  # gracePeriodSeconds + the margin
         (c,) = pod["containers"]
         assert c["image"] == DEFAULT_IMAGE and c["securityContext"] == RESTRICTED and c["env"] == [{"name": "FINETUNE_IMAGE", "value": DEFAULT_IMAGE}]
-        assert "nvidia.com/gpu" not in c["resources"]["limits"]
+        assert "nvidia.com/gpu" not in c["resources"].get("limits", {})
         assert c["volumeMounts"] == [{"name": "shm", "mountPath": "/dev/shm"}]
     # Every Ray pod's preStop hook hands SIGTERM to the training driver and waits for the checkpoint.
     for pod in pods(rj).values():
         assert pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"] == ["python", "-m", "finetune_train.prestop"]
     # A head that fits beside two 1-CPU workers on a small node; CPU unlimited, memory limited.
     assert pods(rj)["head"]["containers"][0]["resources"] == {"requests": {"cpu": "250m", "memory": "4Gi"}, "limits": {"memory": "4Gi"}}
+    assert pods(rj)["worker"]["containers"][0]["resources"] == {"requests": {"cpu": "1"}}  # nothing to limit without memoryPerWorker
 
 
 @pytest.mark.parametrize(

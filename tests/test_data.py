@@ -12,7 +12,7 @@ import torch
 from conftest import TINY_BERT, TINY_LLAMA, make_job, write_text_data
 from finetune_train.data import Collator, load_splits, model_inputs, pack, token_table
 from finetune_train.loss import IGNORE, count_targets, step_scale, summed_loss
-from finetune_train.modeling import build_model, load_tokenizer, materialize, resolve_source
+from finetune_train.modeling import build_model, load_tokenizer, model_folder
 
 pytestmark = pytest.mark.unit
 
@@ -28,7 +28,7 @@ def cache(tmp_path, monkeypatch):
 
 def setup(tmp_path, model=TINY_LLAMA, **spec):
     job = make_job("data", tmp_path, model, **spec)
-    path = materialize(resolve_source(job.spec.model.source), None)
+    path = model_folder(job.spec)
     return job.spec, path, load_tokenizer(job.spec, path)
 
 

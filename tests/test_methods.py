@@ -5,7 +5,7 @@ import torch
 
 from conftest import TINY_BERT, make_job
 from finetune_train.engine import optimizer, param_groups, schedule
-from finetune_train.modeling import build_model, layout, load_tokenizer, materialize, resolve_source
+from finetune_train.modeling import build_model, layout, load_tokenizer, model_folder
 
 pytestmark = pytest.mark.unit
 
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.unit
 def test_layerwise_lr_decay_gives_each_block_lr_times_decay_to_its_depth(tmp_path):
     job = make_job("lld", tmp_path, TINY_BERT, training={"lr": 0.1, "scheduler": "constant", "layerwiseLrDecay": 0.5})
     spec = job.spec
-    path = materialize(resolve_source(spec.model.source), None)
+    path = model_folder(spec)
     model = build_model(spec, path, load_tokenizer(spec, path), pretrained=True)
     parts = layout(model)
     groups = param_groups(model, spec, parts)

@@ -182,7 +182,7 @@ def test_examples_become_rayjobs_and_kuberay_creates_their_clusters(controlplane
             (group,) = cluster["workerGroupSpecs"]
             worker = group["template"]["spec"]["containers"][0]
             assert group["replicas"] == job.spec.resources.nodes
-            assert worker["resources"]["limits"].get("nvidia.com/gpu", "0") == str(job.spec.resources.gpus_per_node)
+            assert worker["resources"].get("limits", {}).get("nvidia.com/gpu", "0") == str(job.spec.resources.gpus_per_node)
             assert worker["securityContext"]["runAsNonRoot"] and worker["securityContext"]["capabilities"] == {"drop": ["ALL"]}
             env = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef") or e["value"] for e in worker["env"]}
             assert env["FINETUNE_STATUS_URL"] == operator.report_url  # where the run reports

@@ -21,7 +21,7 @@ from finetune_api.spec import PreferenceSpec, parse_job
 from finetune_api.status import Progress
 from finetune_train.data import DataError, check_file, load_splits, preference_row, token_table
 from finetune_train.loss import IGNORE
-from finetune_train.modeling import load_tokenizer, materialize, resolve_source
+from finetune_train.modeling import load_tokenizer, model_folder
 from finetune_train.preference import pair_losses, sequence_logps
 
 TINY_PREFERENCE = {**TINY_LLAMA, "task": "preference"}
@@ -104,7 +104,7 @@ def test_pairs_mask_the_prompt_and_truncate_completions_never_prompts(tmp_path, 
 
     monkeypatch.setattr(data, "CACHE", tmp_path / "cache")
     spec = preference_spec(tmp_path, validationSplit=None)
-    tokenizer = load_tokenizer(spec, materialize(resolve_source(spec.model.source), None))
+    tokenizer = load_tokenizer(spec, model_folder(spec))
     rows = [{"prompt": "Say it:", "chosen": " the cat sat", "rejected": " dog ran"},
             {"prompt": "Say it:", "chosen": " " + "cat " * 40, "rejected": " dog"},  # truncated to fit maxLength
             {"prompt": "word " * 30, "chosen": " cat", "rejected": " dog"},  # the prompt alone fills maxLength
@@ -209,7 +209,7 @@ def test_the_dpo_loss_of_a_trained_model_matches_a_hand_computed_one(ray_local, 
     from finetune_train.modeling import build_model
 
     spec = make_job("base", tmp_path, TINY_LLAMA).spec
-    source = materialize(resolve_source(spec.model.source), None)
+    source = model_folder(spec)
     tokenizer = load_tokenizer(spec, source)
     torch.manual_seed(0)
     build_model(spec, source, tokenizer, pretrained=True).save_pretrained(tmp_path / "base")

@@ -156,6 +156,23 @@ def test_a_new_job_gets_its_rayjob_applied_once_and_one_status_per_change(reconc
     assert fake.rayjobs["team-a", "sft"]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 3
 
 
+def test_events_and_polls_that_bring_nothing_new_build_nothing(reconciler, fake, tmp_path, monkeypatch):
+    """Our own writes come back as watch events and every job is polled: with the inputs of the
+    last reconcile, its status stands and nothing is parsed or built (1,000 jobs make many such calls)."""
+    import finetune_operator.reconcile as reconcile
+
+    ops, built = reconcile.OPS["FineTuneJob"], []
+    monkeypatch.setitem(reconcile.OPS, "FineTuneJob", ops._replace(status=lambda *args: built.append(args) or ops.status(*args)))
+    job = body(tmp_path)
+    status = reconciler.reconcile(job, None)
+    echo = copy.deepcopy(fake.rayjobs["team-a", "sft"])  # the watch delivering our apply
+    for _ in range(3):
+        assert reconciler.reconcile({**job, "status": status}, copy.deepcopy(echo), check=True) == status
+    assert len(built) == 1 and fake.count("apply") == 1
+    reconciler.reconcile(job, kuberay(fake, jobDeploymentStatus="Initializing"))  # KubeRay's word is new
+    assert len(built) == 2
+
+
 def test_a_rayjob_of_the_same_name_that_is_not_ours_is_left_alone(reconciler, fake, tmp_path):
     fake.rayjobs["team-a", "sft"] = {"metadata": {"name": "sft", "namespace": "team-a", "ownerReferences": []}, "spec": {}}
     status = reconciler.reconcile(body(tmp_path), None)

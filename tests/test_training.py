@@ -15,8 +15,7 @@ from finetune_train.modeling import (
     checkpoint_weights,
     build_model,
     load_tokenizer,
-    materialize,
-    resolve_source,
+    model_folder,
     with_weights,
 )
 
@@ -41,7 +40,7 @@ def train(job):
 
 def initial_model(job):
     """The weights every worker starts from: the recipe seeds torch before building."""
-    path = materialize(resolve_source(job.spec.model.source), None)
+    path = model_folder(job.spec)
     tokenizer = load_tokenizer(job.spec, path)
     torch.manual_seed(job.spec.training.seed)
     return build_model(job.spec, path, tokenizer, pretrained=True)
@@ -87,6 +86,12 @@ def test_a_gguf_converted_by_a_rank_other_than_0_is_complete(tmp_path):
     assert model.config.model_type == "llama" and torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
 
 
+def test_a_random_init_takes_only_the_tokenizer_and_config_from_a_gguf(tmp_path):
+    folder = Path(model_folder(make_job("random", tmp_path, TINY_LLAMA).spec))
+    files = {f.name for f in folder.iterdir()}
+    assert {"config.json", "tokenizer.json"} <= files and not any(f.endswith(".safetensors") for f in files), files
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_zero_stages_train_two_workers(ray_local, tmp_path, stage):
     job = make_job(f"zero{stage}", tmp_path, TINY_LLAMA, deepspeed={"zeroStage": stage}, checkpointing={"everySteps": 3})
@@ -104,7 +109,7 @@ def test_zero_stages_train_two_workers(ray_local, tmp_path, stage):
         from transformers import AutoModelForCausalLM
 
         exported = AutoModelForCausalLM.from_pretrained(Path(paths.output, "model"))
-        path = materialize(resolve_source(job.spec.model.source), None)
+        path = model_folder(job.spec)
         rebuilt = with_weights(job.spec, path, load_tokenizer(job.spec, path), checkpoint_weights(progress.latest_checkpoint, job.spec))
         for name, tensor in rebuilt.state_dict().items():
             assert torch.equal(tensor, exported.state_dict()[name]), name
@@ -189,10 +194,10 @@ def test_a_zero3_model_built_sharded_trains_like_one_built_whole(ray_local, tmp_
     partitions; ZeRO-2 builds the whole model on every rank. Same weights after 3 steps."""
     from transformers import AutoModelForCausalLM
 
+    spec = make_job("base", tmp_path, TINY_LLAMA).spec
     base = initial_model(make_job("base", tmp_path, TINY_LLAMA))
-    path = materialize(resolve_source(TINY_LLAMA["source"]), None)
     base.save_pretrained(tmp_path / "base")
-    load_tokenizer(make_job("base", tmp_path, TINY_LLAMA).spec, path).save_pretrained(tmp_path / "base")
+    load_tokenizer(spec, model_folder(spec)).save_pretrained(tmp_path / "base")
     pretrained = {"source": str(tmp_path / "base"), "task": "causal-lm"}
     weights = []
     for stage in (3, 2):

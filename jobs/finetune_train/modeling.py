@@ -54,9 +54,11 @@ def _package_model_dir(distribution: str) -> str:
     return str(Path(dist.locate_file(dirs[0])).resolve())
 
 
-def materialize(path: str, gguf_file: str | None) -> str:
+def materialize(path: str, gguf_file: str | None, weights: bool = True) -> str:
     """GGUF checkpoints are dequantized into a cached Hugging Face folder once per node, so
-    that every worker (and every later run) loads safetensors instead of re-converting."""
+    that every worker (and every later run) loads safetensors instead of re-converting.
+    `weights=False` (init: random): only the tokenizer and config, which take seconds where
+    dequantizing every tensor takes a minute."""
     if not Path(path).is_dir():
         return path
     ggufs = [gguf_file] if gguf_file else sorted(p.name for p in Path(path).glob("*.gguf"))
@@ -69,13 +71,16 @@ def materialize(path: str, gguf_file: str | None) -> str:
         raise ModelSourceError(f"model.ggufFile: {src} does not exist")
     stat = src.stat()
     key = hashlib.sha256(f"{src}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    out = CACHE / "models" / f"{src.stem}-{key}"
+    out = CACHE / "models" / f"{src.stem}-{key}{'' if weights else '-config'}"
 
     def convert(tmp: Path) -> None:
         from safetensors.torch import save_model
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
         AutoTokenizer.from_pretrained(path, gguf_file=src.name).save_pretrained(tmp)
+        if not weights:
+            AutoConfig.from_pretrained(path, gguf_file=src.name).save_pretrained(tmp)
+            return
         model = AutoModelForCausalLM.from_pretrained(
             path, gguf_file=src.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
         )
@@ -88,6 +93,13 @@ def materialize(path: str, gguf_file: str | None) -> str:
 
     build_once(out, convert)
     return str(out)
+
+
+def model_folder(spec: FineTuneJobSpec, fetch=lambda uri: uri) -> str:
+    """model.source as a local folder (or weights file) to build from: `fetch`ed when remote,
+    a GGUF converted, with its weights only when they are used (init: pretrained)."""
+    m = spec.model
+    return materialize(resolve_source(fetch(m.source)), m.gguf_file, weights=m.init == "pretrained")
 
 
 def load_tokenizer(spec: FineTuneJobSpec, path: str):

@@ -36,13 +36,14 @@ from finetune_train.modeling import (
     layout,
     load_tokenizer,
     materialize,
+    model_folder,
     resolve_source,
     unfrozen_blocks,
 )
 from finetune_train.preempt import Watcher
 from finetune_train.preference import Objective, adapters_off, evaluate_pairs, frozen, reference_config
 from finetune_train.report import write_report
-from finetune_train.storage import Store, join
+from finetune_train.storage import Store, checkpoint_directory, join
 
 log = logging.getLogger("finetune.train")
 LOW_SCORE = -1e300  # the checkpoint score of a checkpoint that is no best evaluation (restoreBest)
@@ -98,7 +99,7 @@ def train_loop(config: dict) -> None:
 
     # ---- model (ZeRO-3: built partitioned, no rank holds the whole model); s3:// inputs are
     # fetched once per node
-    path = materialize(resolve_source(store.local_copy(spec.model.source)), spec.model.gguf_file)
+    path = model_folder(spec, store.local_copy)
     tokenizer = None if image else load_tokenizer(spec, path)
     zero3 = ds_config if spec.deepspeed.zero_stage == 3 else None
     model = build_model(spec, path, tokenizer, pretrained=True, zero3=zero3)
@@ -169,7 +170,7 @@ def train_loop(config: dict) -> None:
     state = {"step": 0, "train": [], "eval": []}  # eval[0] is the evaluation before training
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
+        with checkpoint_directory(checkpoint) as ckpt_dir:
             _, client = engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
         state = client["finetune"]
         if rank == 0:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -289,6 +290,19 @@ class Store:
 
         build_once(out, download)
         return str(target)
+
+
+@contextmanager
+def checkpoint_directory(checkpoint):
+    """A Ray Train checkpoint as a local folder. A remote one is downloaded by each process
+    into a folder of its own: Ray's as_directory() shares one download per node, but a rank
+    that asks after the first finished downloads again, in place, while the first reads it
+    (seen as a torn .pt file on resume)."""
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        yield checkpoint.path
+        return
+    with tempfile.TemporaryDirectory(prefix="finetune-checkpoint-") as tmp:
+        yield checkpoint.to_directory(tmp)
 
 
 def build_once(out: Path, build: Callable[[Path], None]) -> None:

@@ -99,7 +99,7 @@ def _pod(name: str, image: str, requests: dict, limits: dict, s: FineTuneJobSpec
     container = {
         "name": name,
         "image": image,
-        "resources": {"requests": requests, "limits": limits},
+        "resources": {"requests": requests, **({"limits": limits} if limits else {})},
         "securityContext": t.security_context if t.security_context is not None else RESTRICTED,
         **({"env": env} if env else {}),
         **({"envFrom": t.env_from} if t.env_from else {}),
