@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
 
 import torch
 
@@ -104,11 +106,17 @@ def schedule(spec: FineTuneJobSpec, total_steps: int, groups: list[dict], n_bloc
     return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
 
 
+def shm_allreduce_usable(local_world: int, world: int, compiler: str | None) -> bool:
+    """DeepSpeed's CPU all-reduce through /dev/shm only helps when 2 or more ranks all share one
+    host, and it is a C++ op compiled at first use: without a compiler (the trainer image has
+    none) building it fails the run, a single worker included."""
+    return world > 1 and local_world == world and compiler is not None
+
+
 def skip_shm_kernels(local_world: int, world: int) -> None:
-    """DeepSpeed's CPU all-reduce through /dev/shm only helps when every rank shares one host, and
-    it is a C++ op compiled at first use (a compiler in the image, a minute of CPU per pod). With
-    ranks on other nodes, as in one-worker pods, don't build it: gloo does the all-reduce."""
-    if local_world < world:
+    """Where the shm all-reduce cannot help or cannot be built, DeepSpeed is told not to build
+    it: gloo does the all-reduce."""
+    if not shm_allreduce_usable(local_world, world, shutil.which(os.environ.get("CXX", "c++"))):
         import deepspeed.ops
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
