@@ -194,10 +194,10 @@ def test_a_zero3_model_built_sharded_trains_like_one_built_whole(ray_local, tmp_
     partitions; ZeRO-2 builds the whole model on every rank. Same weights after 3 steps."""
     from transformers import AutoModelForCausalLM
 
-    spec = make_job("base", tmp_path, TINY_LLAMA).spec
-    base = initial_model(make_job("base", tmp_path, TINY_LLAMA))
+    job = make_job("base", tmp_path, TINY_LLAMA)
+    base = initial_model(job)
     base.save_pretrained(tmp_path / "base")
-    load_tokenizer(spec, model_folder(spec)).save_pretrained(tmp_path / "base")
+    load_tokenizer(job.spec, model_folder(job.spec)).save_pretrained(tmp_path / "base")
     pretrained = {"source": str(tmp_path / "base"), "task": "causal-lm"}
     weights = []
     for stage in (3, 2):

@@ -57,8 +57,8 @@ def _package_model_dir(distribution: str) -> str:
 def materialize(path: str, gguf_file: str | None, weights: bool = True) -> str:
     """GGUF checkpoints are dequantized into a cached Hugging Face folder once per node, so
     that every worker (and every later run) loads safetensors instead of re-converting.
-    `weights=False` (init: random): only the tokenizer and config, which take seconds where
-    dequantizing every tensor takes a minute."""
+    `weights=False` (init: random): only the tokenizer and config; no tensor is dequantized,
+    loaded or written."""
     if not Path(path).is_dir():
         return path
     ggufs = [gguf_file] if gguf_file else sorted(p.name for p in Path(path).glob("*.gguf"))

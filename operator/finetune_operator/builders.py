@@ -150,13 +150,12 @@ def build_sweep_rayjob(sweep: FineTuneSweep, settings: Settings = Settings(), ob
 def _rayjob(kind: str, owner: FineTuneJob | FineTuneSweep, name: str, s: FineTuneJobSpec, command: str, nodes: int,
             suspend: bool, settings: Settings, observed: dict | None, give_up: bool) -> dict:
     r, image = s.resources, s.image or settings.image
-    worker = {"cpu": format(r.cpus_per_worker * r.per_node, "g")}  # a quantity: 48, 0.5
-    if r.memory_per_worker:
-        worker["memory"] = r.memory_per_worker
     # CPU is requested, never limited (head and workers): a CFS quota throttles the bursts of
     # imports and start-up, and stalls every collective on its most throttled rank. Memory and
     # GPUs are limited.
-    worker_limits = {k: v for k, v in worker.items() if k != "cpu"} | ({"nvidia.com/gpu": str(r.gpus_per_node)} if r.gpus_per_node else {})
+    memory = {"memory": r.memory_per_worker} if r.memory_per_worker else {}
+    worker = {"cpu": format(r.cpus_per_worker * r.per_node, "g"), **memory}  # a quantity: 48, 0.5
+    worker_limits = {**memory, **({"nvidia.com/gpu": str(r.gpus_per_node)} if r.gpus_per_node else {})}
     head = {"cpu": r.head.cpu, "memory": r.head.memory}
     selector = {**MANAGED_BY, KINDS[kind].label: owner.name}
     pod_meta = {"labels": {**s.pod_template.labels, **selector}, **({"annotations": s.pod_template.annotations} if s.pod_template.annotations else {})}

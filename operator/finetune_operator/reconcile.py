@@ -14,7 +14,7 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, NamedTuple
 
 from kubernetes import client
@@ -177,7 +177,7 @@ class Reconciler:
                 return self._write(body, previous, invalid_status(body["metadata"].get("generation"), "; ".join(err.errors), previous, time.time()))
             if rayjob is None and finished(previous) and previous.get("rayJobName"):
                 return previous  # its RayJob was deleted after the end: a new one would train the job again
-            report = self.reports.get(uid)
+            report = inputs.report
             current = report if report is not None and rayjob is not None and report.cluster == _cluster(rayjob) else None
             progress = current.progress if current is not None else None
             give_up = progress is not None and progress.state == State.FAILED and progress.reason == INVALID_INPUT
@@ -193,7 +193,7 @@ class Reconciler:
             status = self._write(body, previous, ops.status(obj, seen, previous, time.time()))
             if current is not None:
                 current.consumed.set()
-            self.inputs[uid] = Inputs(inputs.generation, rayjob, pods, report, self.queues.get(uid))
+            self.inputs[uid] = replace(inputs, rayjob=rayjob, queue=self.queues.get(uid))  # as applied, as Kueue said
             return status
 
     def _apply(self, desired: dict, observed: dict | None, uid: str, kind: Kind) -> tuple[dict, Problem | None]:
