@@ -307,8 +307,10 @@ def kubelet_config(state: Path, pki: Path, healthz_port: int) -> dict:
         # Imported images are the only copies (no registry to pull from again): never collect them.
         "imageGCHighThresholdPercent": 100,
         "imageGCLowThresholdPercent": 99,
-        # The machine's disk is shared with the image store: evict only when it is nearly full.
-        "evictionHard": {"memory.available": "200Mi", "nodefs.available": "2%", "imagefs.available": "2%"},
+        # Disk pressure makes the kubelet delete every unused image (pause included: no pod then
+        # starts) and taint the node for 5 minutes. The disk is the host's, often a large shared
+        # one: 2% of 252G (5 GB free) tripped it in CI. Evict only when it is really full.
+        "evictionHard": {"memory.available": "200Mi", "nodefs.available": "512Mi", "imagefs.available": "512Mi"},
         "shutdownGracePeriod": "0s",
     }
 
