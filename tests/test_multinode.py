@@ -8,7 +8,7 @@ import pytest
 
 from conftest import TINY_LLAMA, make_job
 from finetune_api.status import Progress
-from finetune_train import launch
+from finetune_train import launch, preempt
 from finetune_train.storage import paths_for
 
 pytestmark = pytest.mark.training
@@ -72,3 +72,15 @@ def test_two_workers_on_each_of_two_nodes_train(two_nodes, tmp_path):
     assert result.error is None, result.error
     assert sorted(seen["nodes"]) == sorted([two_nodes[0]] * 2 + [two_nodes[1]] * 2), seen
     assert result.state == "Succeeded" and result.step == 6
+
+
+def test_the_preemption_signal_lives_on_the_drivers_node(two_nodes):
+    """Not on a worker node, whose loss would take it along: a run that lost a worker in the
+    e2e tier then ignored its suspension."""
+    import ray
+    from ray._private.state import actors
+
+    signal = preempt.create("placed")
+    ray.get(signal.requested.remote())
+    placed = actors(signal._actor_id.hex())["Address"]["NodeID"]
+    assert placed == ray.get_runtime_context().get_node_id() and placed not in two_nodes

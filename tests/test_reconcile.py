@@ -181,6 +181,22 @@ def test_a_rayjob_of_the_same_name_that_is_not_ours_is_left_alone(reconciler, fa
     assert ready["status"] == "False" and ready["reason"] == "RayJobNameTaken"
 
 
+def test_a_job_in_a_namespace_being_deleted_creates_nothing_and_raises_nothing(reconciler, fake, tmp_path):
+    def refuse(body: dict | None):
+        err = ApiException(status=403, reason="Forbidden")
+        err.body = json.dumps(body) if body else None
+
+        def patch(*args, **kwargs):
+            raise err
+        return patch
+
+    fake.patch_namespaced_custom_object = refuse({"details": {"causes": [{"reason": "NamespaceTerminating"}]}})
+    assert reconciler.reconcile(body(tmp_path), None) is None and fake.statuses == []
+    fake.patch_namespaced_custom_object = refuse(None)  # refused by RBAC: the operator's own fault, raised
+    with pytest.raises(ApiException):
+        reconciler.reconcile(body(tmp_path), None)
+
+
 def test_a_report_reaches_the_status_and_only_from_the_jobs_own_pods(reconciler, fake, tmp_path):
     job = body(tmp_path)
     reconciler.reconcile(job, None)

@@ -42,8 +42,13 @@ def _name(run: str) -> str:
 
 
 def create(run: str):
-    """The run's signal actor, made by the driver before training starts."""
-    return _Signal.options(name=_name(run), namespace=NAMESPACE, get_if_exists=True).remote()
+    """The run's signal actor, made by the driver before training starts, on the driver's own
+    node: placed on a worker node it died with that node, and a suspension after the loss
+    reached no worker (the run went on to its end)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return _Signal.options(name=_name(run), namespace=NAMESPACE, get_if_exists=True, scheduling_strategy=here).remote()
 
 
 def lookup(run: str):

@@ -820,8 +820,22 @@ def import_images(images: Iterable[Image] | dict[str, Image], address: str, *, n
         if proc.wait() != 0:
             raise BuildError(f"ctr images import {image.ref}: exit {proc.returncode}: {output.strip()}")
         say(f"{image.name}: imported {image.ref} in {time.monotonic() - start:.1f}s")
+        _discard_unpacked_layers(image, address, namespace)
         imported.append(image)
     return imported
+
+
+def _discard_unpacked_layers(image: Image, address: str, namespace: str) -> None:
+    """Delete the layer blobs containerd keeps after unpacking them into snapshots, as its CRI's
+    `discard_unpacked_layers` does for pulled images: containers start from the snapshots, and
+    the layers' third copy (the build cache, the content store, the snapshots) is 7 GB for the
+    trainer image on disks that may be nearly full. A later import sends every blob again."""
+    blobs = image.layout / "blobs" / "sha256"
+    manifest = json.loads((blobs / image.digest.removeprefix("sha256:")).read_bytes())
+    layers = [layer["digest"] for layer in manifest["layers"]]
+    out = subprocess.run(_ctr(address, namespace, "content", "rm", *layers), capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise BuildError(f"ctr content rm (layers of {image.ref}): {out.stderr.strip()}")
 
 
 def helm_set_args(images: dict[str, Image]) -> list[str]:

@@ -132,6 +132,11 @@ class Apis(NamedTuple):
         return cls(client.CustomObjectsApi(api), client.CoreV1Api(api), client.AuthenticationV1Api(api))
 
 
+def namespace_terminating(err: ApiException) -> bool:
+    """The apiserver refuses new objects in a namespace being deleted (403, not an RBAC refusal)."""
+    return err.status == 403 and "NamespaceTerminating" in str(err.body)
+
+
 class Reconciler:
     def __init__(self, apis: Apis, settings: Settings = Settings(),
                  post_event: Callable[[dict, str, str, str], None] | None = None, clock: Callable[[], float] = time.monotonic):
@@ -184,7 +189,12 @@ class Reconciler:
             desired = ops.rayjob(obj, self.settings, observed=rayjob, give_up=give_up)
             problem = None
             if needs_apply(desired, rayjob):
-                rayjob, problem = self._apply(desired, rayjob, obj.metadata.uid, ops.kind)
+                try:
+                    rayjob, problem = self._apply(desired, rayjob, obj.metadata.uid, ops.kind)
+                except ApiException as err:
+                    if not namespace_terminating(err):
+                        raise
+                    return previous  # the job goes with its namespace: nothing to create or say
             if check and problem is None:
                 self.queues[uid] = self._queue_message(rayjob) if queued(ops.suspend(obj), ops.job_spec(obj).queue_name, rayjob) else None
             problem = (problem or self._stale(rayjob, report) or (progress.warning if progress else None)
