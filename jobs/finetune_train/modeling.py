@@ -123,9 +123,9 @@ def build_model(spec: FineTuneJobSpec, path: str, tokenizer, pretrained: bool, z
     """The architecture of the spec, with pretrained weights or freshly initialized (for
     init: random, and as the container the export loads trained weights into). With `zero3`
     (a ZeRO-3 DeepSpeed config) it is built inside deepspeed.zero.Init, transformers'
-    HfDeepSpeedConfig path: every rank holds only its partition from the start, and pretrained
-    weights are loaded into the partitions one module at a time, so no rank ever holds the
-    whole model."""
+    HfDeepSpeedConfig path: each parameter is partitioned as it is created. Measured on CPU it
+    does not yet lower a rank's peak memory (bench/memory.py: zero3_init_rss_ratio 1.14; what
+    is known of why is in bench/RESULTS.md)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.integrations import HfDeepSpeedConfig
 
