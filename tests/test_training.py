@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_BERT, TINY_LLAMA, make_job
+from conftest import TINY_BERT, TINY_LLAMA, job_doc, make_job
 from finetune_api.status import Progress
 from finetune_train import launch
 from finetune_train.storage import paths_for
@@ -65,25 +65,57 @@ dist.barrier()
 """
 
 
-def test_a_gguf_converted_by_a_rank_other_than_0_is_complete(tmp_path):
+def two_gloo_ranks(script: str, env: dict, *args: str) -> list[str]:
+    """`script` run as ranks 0 and 1 of a gloo group (argv: rank, init method, *args); their stdouts."""
+    import os
     import socket
     import subprocess
     import sys
 
-    from transformers import AutoModelForCausalLM
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        init = f"tcp://127.0.0.1:{s.getsockname()[1]}"
-    env = {**__import__("os").environ, "FINETUNE_CACHE": str(tmp_path)}
-    procs = [subprocess.Popen([sys.executable, "-c", CONVERT_ON_RANK_1, str(rank), init], env=env, stdout=subprocess.PIPE, text=True)
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(rank), f"tcp://127.0.0.1:{port}", *args],
+                              env={**os.environ, **env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                                   "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"},
+                              stdout=subprocess.PIPE, text=True)
              for rank in (0, 1)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
+    return outputs
+
+
+def test_a_gguf_converted_by_a_rank_other_than_0_is_complete(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    outputs = two_gloo_ranks(CONVERT_ON_RANK_1, {"FINETUNE_CACHE": str(tmp_path)})
     folder = Path(outputs[1].strip().splitlines()[-1])
     assert folder.parent == tmp_path / "models" and {"config.json", "model.safetensors", "tokenizer.json"} <= {f.name for f in folder.iterdir()}
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert model.config.model_type == "llama" and torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+
+
+BUILD_SHARDED = """
+import json, sys, torch.distributed as dist
+from finetune_api.spec import parse_job
+from finetune_train.engine import deepspeed_config
+from finetune_train.modeling import build_model, load_tokenizer, model_folder
+dist.init_process_group("gloo", init_method=sys.argv[2], rank=int(sys.argv[1]), world_size=2)
+spec = parse_job(json.loads(sys.argv[3])).spec
+path = model_folder(spec)
+params = list(build_model(spec, path, load_tokenizer(spec, path), pretrained=True, zero3=deepspeed_config(spec)).parameters())
+print(json.dumps({"partitioned": all(hasattr(p, "ds_id") and p.numel() == 0 for p in params),
+                  "held": sum(getattr(p, "ds_tensor", p).numel() for p in params),
+                  "total": sum(getattr(p, "ds_numel", p.numel()) for p in params)}))
+"""
+
+
+def test_a_zero3_model_is_partitioned_as_it_is_built(tmp_path):
+    """What the same-weights test below cannot see: with zero.Init ignored it would pass too."""
+    doc = job_doc("sharded", tmp_path, TINY_LLAMA, deepspeed={"zeroStage": 3})
+    for out in two_gloo_ranks(BUILD_SHARDED, {}, json.dumps(doc)):
+        built = json.loads(out.strip().splitlines()[-1])
+        assert built["partitioned"] and built["held"] < 0.6 * built["total"], built
 
 
 def test_a_random_init_takes_only_the_tokenizer_and_config_from_a_gguf(tmp_path):
