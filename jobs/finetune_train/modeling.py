@@ -3,9 +3,11 @@ method (full, LoRA, freeze) and the Hugging Face export."""
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import importlib.metadata
 import importlib.util
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,12 +124,8 @@ def attention_kernel(spec: FineTuneJobSpec) -> str:
 def build_model(spec: FineTuneJobSpec, path: str, tokenizer, pretrained: bool, zero3: dict | None = None) -> nn.Module:
     """The architecture of the spec, with pretrained weights or freshly initialized (for
     init: random, and as the container the export loads trained weights into). With `zero3`
-    (a ZeRO-3 DeepSpeed config) it is built inside deepspeed.zero.Init, transformers'
-    HfDeepSpeedConfig path: each parameter is partitioned as it is created. Measured on CPU it
-    does not yet lower a rank's peak memory (bench/memory.py: zero3_init_rss_ratio 1.14; what
-    is known of why is in bench/RESULTS.md)."""
+    (a ZeRO-3 DeepSpeed config) it is built sharded (see `_sharded`)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-    from transformers.integrations import HfDeepSpeedConfig
 
     m = spec.model
     if m.task == "image-classification":
@@ -146,14 +144,44 @@ def build_model(spec: FineTuneJobSpec, path: str, tokenizer, pretrained: bool, z
     else:
         auto = AutoModelForCausalLM
     kwargs = {"trust_remote_code": m.trust_remote_code, "dtype": torch.float32, "attn_implementation": attention_kernel(spec)}
-    # transformers builds under zero.Init while this object lives (it keeps only a weak reference).
-    sharded = HfDeepSpeedConfig(zero3) if zero3 is not None else None
-    try:
+    with _sharded(zero3):
         if pretrained and m.init == "pretrained":
             return auto.from_pretrained(path, config=config, revision=m.revision, **kwargs)
         return auto.from_config(config, **kwargs)
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+@contextmanager
+def _sharded(zero3: dict | None):
+    """transformers builds a model inside deepspeed.zero.Init while an HfDeepSpeedConfig lives
+    (it keeps only a weak reference): each parameter is partitioned as it is created, then
+    initialised module by module (gathered, set on rank 0, partitioned again).
+
+    Those gathers allocate and free full-size tensors, and glibc raises its mmap threshold to
+    the largest block freed, so the freed blocks stayed in the heap: a rank's RSS grew by about
+    a whole model and sharding saved nothing (measured, bench/RESULTS.md). A fixed low threshold
+    while building hands them back; afterwards a fixed 32 MiB, the top of glibc's own range."""
+    if zero3 is None:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: its allocator is not this one
+        libc = None
+    config = HfDeepSpeedConfig(zero3)
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, 128 << 10)
+    try:
+        yield
     finally:
-        del sharded  # the export's full copy on rank 0 must not be partitioned
+        del config  # the export's full copy on rank 0 must not be partitioned
+        if libc is not None:
+            libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+            libc.malloc_trim(0)
 
 
 def _config(spec: FineTuneJobSpec, path: str, **fields):
@@ -174,21 +202,17 @@ def _image_model(spec: FineTuneJobSpec, path: str, pretrained: bool, zero3: dict
     pipeline("image-classification")) with the weights of `path` but a new head for the
     spec's classes; or a Hugging Face image-classification model with a new head."""
     from transformers import AutoModelForImageClassification, TimmWrapperConfig, TimmWrapperForImageClassification
-    from transformers.integrations import HfDeepSpeedConfig
 
     m = spec.model
     names = m.labels or [str(i) for i in range(m.num_labels)]
     labels = {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
-    sharded = HfDeepSpeedConfig(zero3) if zero3 is not None else None
-    try:
+    with _sharded(zero3):
         if m.architecture is None:
             config = _config(spec, path, **labels)
             if pretrained and m.init == "pretrained":  # the source's head is for its classes: a new one for ours
                 return AutoModelForImageClassification.from_pretrained(path, config=config, ignore_mismatched_sizes=True, dtype=torch.float32)
             return AutoModelForImageClassification.from_config(config, dtype=torch.float32)
         model = TimmWrapperForImageClassification(TimmWrapperConfig(architecture=m.architecture, model_args=m.config or None, **labels))
-    finally:
-        del sharded
     if pretrained and m.init == "pretrained":
         load_backbone(model.timm_model, weights_file(path))
     # timm's preprocessing (resize, crop, normalisation) for this architecture, at imageSize: the
