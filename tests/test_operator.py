@@ -406,6 +406,8 @@ def test_an_operator_killed_while_creating_50_jobs_leaves_exactly_one_rayjob_eac
         assert {r["metadata"]["name"]: r["metadata"]["ownerReferences"][0]["uid"] for r in rayjobs} == jobs
     finally:
         assert second.stop() == 0
+    # With no operator running the jobs can still be deleted: the operator puts no finalizer on them.
+    kubectl(controlplane, "delete", "ftj", "--all", "-n", namespace, "--timeout=30s")
 
 
 def test_only_the_lease_holder_acts_and_a_successor_takes_over(controlplane, namespace, tmp_path):

@@ -1,13 +1,13 @@
 """`finetune operator`: kopf watches FineTuneJobs, FineTuneSweeps and the RayJobs we manage,
-keeps them in its indexes and hands each event to the Reconciler; a kopf daemon per object
-wakes on the run's reports and every --poll-seconds for what only looking finds (pods that
-cannot start, a run gone silent, a queue). Runs push reports to /v1/progress on the report
-port; /metrics and /healthz are on the metrics port. A Lease makes one replica act; the others
-answer reports with a redirect to it."""
+keeps them in its indexes and hands each event to the Reconciler. Runs push reports to
+/v1/progress on the report port, each reconciled at once; every --poll-seconds one loop looks
+at every object for what only looking finds (a run gone silent, a queue). /metrics and
+/healthz are on the metrics port. A Lease makes one replica act; the others answer reports
+with a redirect to it."""
 
 from __future__ import annotations
 
-import asyncio
+import contextvars
 import copy
 import json
 import logging
@@ -61,9 +61,43 @@ def _one(index, key):
     return next(iter(index.get(key, ())), None)
 
 
-def registry(reconciler: Reconciler, metrics: Metrics, poll_seconds: float) -> kopf.OperatorRegistry:
-    """The handlers: indexes of our objects and RayJobs, watch events routed to the
-    reconciler, a daemon per object."""
+class Indexed:
+    """Reconciles that no watch event starts (a run's report, the periodic look), with what
+    kopf's indexes hold. Not a kopf daemon or timer per object: kopf puts a finalizer on every
+    object that has one, which costs a write and a watch event per job and leaves no
+    FineTuneJob deletable while the operator is not running."""
+
+    def __init__(self, reconciler: Reconciler, metrics: Metrics):
+        self.reconciler, self.metrics = reconciler, metrics
+        self.indexes: dict | None = None  # kopf's, from its startup on
+        # kopf posts Events only from a handler's context (its event queue is a context
+        # variable): a copy of the first handler's, for the reconciles started here.
+        self.context: contextvars.Context | None = None
+
+    def reconcile(self, key, trigger: str, check: bool = False) -> dict | None:
+        if self.indexes is None or self.context is None:
+            return None  # kopf has handled no event yet: its first events reconcile every object
+        body = _one(self.indexes[f"{KINDS[key[0]].plural}_index"], key)
+        if body is None:
+            return None
+        with self.metrics.timed(trigger):
+            return self.context.copy().run(_reconcile_indexed, self.reconciler, body, key, self.indexes["rayjobs_index"],
+                                           self.indexes["pods_index"], check)
+
+    def poll(self, every: float, stop: threading.Event) -> None:
+        """Every `every` seconds each object: a run gone silent, why Kueue lets a job wait."""
+        while not stop.wait(every):
+            for kind in KINDS.values():
+                for key in list((self.indexes or {}).get(f"{kind.plural}_index", ())):
+                    try:
+                        self.reconcile(key, "poll", check=True)
+                    except Exception:  # the next look tries again; one object must not stop the others
+                        log.exception("reconciling %s %s/%s", *key)
+
+
+def registry(reconciler: Reconciler, metrics: Metrics, indexed: Indexed) -> kopf.OperatorRegistry:
+    """The handlers: indexes of our objects, RayJobs and Ray pods, watch events routed to
+    the reconciler; the indexes handed to `indexed` at start."""
     reg = kopf.OperatorRegistry()
 
     @kopf.on.login(registry=reg)
@@ -71,8 +105,10 @@ def registry(reconciler: Reconciler, metrics: Metrics, poll_seconds: float) -> k
         return kopf.login_via_client(**kwargs)
 
     @kopf.on.startup(registry=reg)
-    def configure(settings: kopf.OperatorSettings, **_):
-        # No handler of ours keeps kopf state on the objects; should one ever, it is ours.
+    def configure(settings: kopf.OperatorSettings, **kwargs):
+        indexed.indexes = {name: kwargs[name] for name in ("rayjobs_index", "pods_index", *(f"{k.plural}_index" for k in KINDS.values()))}
+        # No handler of ours needs a finalizer or keeps kopf state on the objects; kopf removes
+        # this finalizer from objects that versions with a daemon per object marked.
         settings.persistence.finalizer = f"{GROUP}/kopf-finalizer"
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
@@ -111,11 +147,11 @@ def registry(reconciler: Reconciler, metrics: Metrics, poll_seconds: float) -> k
                 _reconcile_indexed(reconciler, job, key, rayjobs_index, pods_index)
 
     for kind in KINDS.values():
-        _kind_handlers(reg, kind, reconciler, metrics, poll_seconds)
+        _kind_handlers(reg, kind, reconciler, metrics, indexed)
     return reg
 
 
-def _kind_handlers(reg: kopf.OperatorRegistry, kind, reconciler: Reconciler, metrics: Metrics, poll_seconds: float) -> None:
+def _kind_handlers(reg: kopf.OperatorRegistry, kind, reconciler: Reconciler, metrics: Metrics, indexed: Indexed) -> None:
     plural = kind.plural
 
     @kopf.index(GROUP, VERSION, plural, id=f"{plural}_index", registry=reg)
@@ -124,34 +160,14 @@ def _kind_handlers(reg: kopf.OperatorRegistry, kind, reconciler: Reconciler, met
 
     @kopf.on.event(GROUP, VERSION, plural, id=plural, registry=reg)
     def event(type, body, uid, rayjobs_index, pods_index, **_):
+        if indexed.context is None:
+            indexed.context = contextvars.copy_context()
         if type == "DELETED":
             reconciler.forget(uid)
             return
         key = key_of(body)
         with metrics.timed(kind.name.lower()):
             _reconcile_indexed(reconciler, _snapshot(body), key, rayjobs_index, pods_index)
-
-    @kopf.daemon(GROUP, VERSION, plural, id=f"{plural}-daemon", cancellation_timeout=1.0, registry=reg)
-    async def daemon(stopped, body, uid, rayjobs_index, pods_index, **_):
-        """Wakes on each report of the object's run, and every poll_seconds for what only time
-        shows (a run gone silent) or only asking finds (why Kueue lets a job wait)."""
-        loop, wake = asyncio.get_running_loop(), asyncio.Event()
-        reconciler.wakers[uid] = lambda: loop.call_soon_threadsafe(wake.set)
-        try:
-            while not stopped:
-                try:
-                    await asyncio.wait_for(wake.wait(), poll_seconds)
-                except asyncio.TimeoutError:
-                    pass
-                reported, _ = wake.is_set(), wake.clear()
-                key = key_of(body)
-                with metrics.timed("report" if reported else "poll"):
-                    status = await asyncio.to_thread(_reconcile_indexed, reconciler, _snapshot(body), key,
-                                                     rayjobs_index, pods_index, not reported)
-                if (status or {}).get("phase") in FINAL and not wake.is_set():
-                    return  # nothing more to look for; a late report is kept until the next event
-        finally:
-            reconciler.wakers.pop(uid, None)
 
 
 def _reconcile_indexed(reconciler: Reconciler, body: dict, key, rayjobs_index, pods_index, check: bool = False) -> dict | None:
@@ -174,8 +190,8 @@ class Reports(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, address: str, reconciler: Reconciler, leader_url):
-        self.reconciler, self.leader_url = reconciler, leader_url  # leader_url(): None when this replica leads
+    def __init__(self, address: str, reconciler: Reconciler, indexed: Indexed, leader_url):
+        self.reconciler, self.indexed, self.leader_url = reconciler, indexed, leader_url  # leader_url(): None when this replica leads
         host, _, port = address.rpartition(":")
         super().__init__((host or "0.0.0.0", int(port)), _ReportHandler)
 
@@ -199,6 +215,10 @@ class _ReportHandler(BaseHTTPRequestHandler):
             return self._answer(400, f"not JSON: {err}")
         except client.ApiException as err:  # the TokenReview or pod lookup failed: the run tries again
             return self._answer(503, f"cannot check the report now: {err.reason}")
+        try:
+            self.server.indexed.reconcile((doc["kind"], doc["namespace"], doc["name"]), "report")
+        except Exception:  # the report is kept: the next event or poll reconciles it
+            log.exception("reconciling the report of %s %s/%s", doc["kind"], doc["namespace"], doc["name"])
         if report.progress is not None and report.progress.state in (*FINAL, State.PREEMPTED):
             report.consumed.wait(FINAL_REPORT_WAIT_SECONDS)
         self._answer(200, "ok")
@@ -233,6 +253,7 @@ def run(opts: Options) -> int:
     reconciler = Reconciler(Apis.of(api), opts.settings, post_event=lambda body, type, reason, message: kopf.event(
         body, type=type, reason=reason, message=message))
     metrics = Metrics(reconciler)
+    indexed = Indexed(reconciler, metrics)
     identity = opts.identity or os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
     elector = None
     if opts.leader_election:
@@ -246,7 +267,7 @@ def run(opts: Options) -> int:
         return (elector.leader_address() if elector else None) or ""
 
     servers = [metrics.server(opts.metrics_address, healthy=lambda: not stop.is_set()),
-               Reports(opts.report_address, reconciler, leader_url)]
+               Reports(opts.report_address, reconciler, indexed, leader_url)]
     for server, name in zip(servers, ("metrics", "reports")):
         _serve(server, name)
     # The main thread owns the signals; kopf, in its own thread, stops through the same flag.
@@ -268,7 +289,7 @@ def run(opts: Options) -> int:
     def operate():
         try:
             kopf.run(
-                registry=registry(reconciler, metrics, opts.poll_seconds),
+                registry=registry(reconciler, metrics, indexed),
                 standalone=True,  # kopf's peering only pauses replicas; the Lease decides who acts
                 clusterwide=not opts.namespaces,
                 namespaces=opts.namespaces,
@@ -281,7 +302,7 @@ def run(opts: Options) -> int:
             stop.set()
 
     kopf_thread = threading.Thread(target=operate, name="kopf")
-    threads.append(kopf_thread)
+    threads += [kopf_thread, threading.Thread(target=indexed.poll, args=(opts.poll_seconds, stop), name="poll")]
     for thread in threads:
         thread.start()
     while kopf_thread.is_alive():

@@ -146,7 +146,6 @@ class Reconciler:
         self.written: dict[str, dict] = {}  # uid -> status last written (the watch may lag behind)
         self.keys: dict[str, Key] = {}  # uid -> (kind, namespace, name), for /metrics
         self.queues: dict[str, str | None] = {}  # uid -> Kueue's word on the queued job, at the last check
-        self.wakers: dict[str, Callable[[], None]] = {}  # uid -> wakes the job's daemon (set by app.py)
         self.identities: dict[str, Identity] = {}  # sha256 of a token -> what it was verified as
         self._locks: dict[str, threading.RLock] = {}  # uid -> one reconcile at a time
         self.inputs: dict[str, Inputs] = {}  # uid -> what the last reconcile saw
@@ -271,7 +270,7 @@ class Reconciler:
 
     def receive(self, token: str, doc: Any) -> Report:
         """A run's report: who sent it is checked (the token, the pod it is bound to, the pod's
-        job), the latest is kept and the job's daemon woken. Rejected names what is wrong."""
+        job) and the latest is kept. Rejected names what is wrong."""
         try:
             kind, ns, name, uid = doc["kind"], doc["namespace"], doc["name"], doc["uid"]
             progress = Progress.model_validate(doc["progress"]) if "progress" in doc else None
@@ -282,14 +281,11 @@ class Reconciler:
         who = self._identity(token)
         if who.namespace != ns or who.labels.get(KINDS[kind].label) != name:
             raise Rejected(403, f"pod {who.namespace}/{who.pod} does not run {kind} {ns}/{name}")
-        with self._locks.setdefault(uid, threading.Lock()):
+        with self.lock(uid):
             last = self.reports.get(uid)
             keep = progress is None or (last is not None and last.progress is not None and last.progress.updated > progress.updated)
             report = Report(last.progress if keep and last is not None else progress, self.clock(), who.labels.get("ray.io/cluster", ""))
             self.reports[uid] = report
-        wake = self.wakers.get(uid)
-        if wake is not None:
-            wake()
         return report
 
     def _identity(self, token: str) -> Identity:
