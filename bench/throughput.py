@@ -5,7 +5,9 @@ loop over torch.distributed, on the same model, data, micro batch and number of 
                                [--seq 256] [--micro-batch 8] [--zero 2] [--gpus 0] [--repeats 1]
 
 Both sides build everything with the same finetune_train helpers, so what differs is Ray Train and
-ray.train.report. Both are measured the same way, in windows of --log-every steps. Ours is what the
+ray.train.report. A third side, "plain in Ray", runs the plain loop as a TorchTrainer's
+train_loop_per_worker (Ray's workers, process group and controller, none of our recipe): ours ÷
+plain in Ray is what our code costs, plain in Ray ÷ plain what Ray Train does. Both are measured the same way, in windows of --log-every steps. Ours is what the
 program records itself: every training.logEvery steps the recipe all-reduces [loss, tokens] and
 appends tokens_per_s (non-padding tokens of all workers since the previous log point / wall time
 since then, which includes the previous point's ray.train.report) to output/metrics.json. The
@@ -129,15 +131,9 @@ def run_ours(job_doc: dict, args) -> dict:
 
 
 def plain_worker(rank: int, world: int, port: int, job_doc: dict, args, threads: int, out: str) -> None:
-    """torchrun-style process: torch.distributed + deepspeed.initialize + the recipe's step loop
-    without Ray: same per-micro-batch work, same per-window all-reduce and clock, no report."""
-    import deepspeed
+    """torchrun-style process: torch.distributed, then the plain loop."""
     import torch
     import torch.distributed as dist
-
-    from finetune_train.data import Collator, ShardedBatches, load_splits, model_inputs, token_table
-    from finetune_train.engine import deepspeed_config, optimizer, param_groups, schedule
-    from finetune_train.modeling import build_model, load_tokenizer, model_folder
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
@@ -146,6 +142,21 @@ def plain_worker(rank: int, world: int, port: int, job_doc: dict, args, threads:
     if args.gpus:
         torch.cuda.set_device(rank)
     dist.init_process_group("nccl" if args.gpus else "gloo", rank=rank, world_size=world)
+    plain_loop(rank, world, device, job_doc, args, out)
+    dist.destroy_process_group()
+
+
+def plain_loop(rank: int, world: int, device, job_doc: dict, args, out: str) -> None:
+    """deepspeed.initialize + the recipe's step loop in a process group that exists: same
+    per-micro-batch work, same per-window all-reduce and clock, no report; rank 0 writes its
+    windows to out/plain.json."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from finetune_train.data import Collator, ShardedBatches, load_splits, model_inputs, token_table
+    from finetune_train.engine import deepspeed_config, optimizer, param_groups, schedule
+    from finetune_train.modeling import build_model, load_tokenizer, model_folder
 
     spec = parse_job(job_doc).spec
     t = spec.training
@@ -185,7 +196,6 @@ def plain_worker(rank: int, world: int, port: int, job_doc: dict, args, threads:
         window_loss, window_tokens, window_start = [], 0, now
     if rank == 0:  # like ours: rank 0's figures
         Path(out, "plain.json").write_text(json.dumps(windows))
-    dist.destroy_process_group()
 
 
 def run_plain(job_doc: dict, args, threads: int, root: Path) -> dict:
@@ -196,6 +206,31 @@ def run_plain(job_doc: dict, args, threads: int, root: Path) -> dict:
         port = s.getsockname()[1]
     world = args.gpus or 2
     mp.spawn(plain_worker, args=(world, port, job_doc, args, threads, str(root)), nprocs=world, join=True)
+    return throughput(json.loads((root / "plain.json").read_text()), args)
+
+
+def run_plain_in_ray(job_doc: dict, args, root: Path) -> dict:
+    """The plain loop as a TorchTrainer's loop: the workers, resources and process group Ray
+    Train gives ours (launch.run's ScalingConfig), none of our recipe."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer, get_device
+
+    from finetune_train import launch
+
+    r = parse_job(job_doc).spec.resources
+
+    def loop(_config):
+        context = ray.train.get_context()
+        plain_loop(context.get_world_rank(), context.get_world_size(), get_device(), job_doc, args, str(root))
+
+    launch.init_ray(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        TorchTrainer(loop, scaling_config=ScalingConfig(
+            num_workers=args.gpus or 2, use_gpu=bool(args.gpus), resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": 1} if args.gpus else {})}),
+            run_config=RunConfig(name="plain-in-ray", storage_path=str(root / "ray"))).fit()
+    finally:
+        ray.shutdown()
     return throughput(json.loads((root / "plain.json").read_text()), args)
 
 
@@ -220,7 +255,7 @@ def main() -> None:
     p.add_argument("--zero", type=int, default=2, choices=(0, 1, 2, 3))
     p.add_argument("--gpus", type=int, default=0, help="0: 2 CPU workers (gloo); N: one worker per GPU (nccl)")
     p.add_argument("--log-every", type=int, default=5, help="our training.logEvery: steps per measured window")
-    p.add_argument("--repeats", type=int, default=1, help="pairs of runs, ours then plain; the ratio is their median")
+    p.add_argument("--repeats", type=int, default=1, help="rounds of runs (ours, plain, plain in Ray); ratios are their medians")
     args = p.parse_args()
     every = args.log_every
     if every < 1 or min(args.warmup, args.steps) < 1 or args.warmup % every or args.steps % every:
@@ -236,26 +271,30 @@ def main() -> None:
         job_doc = make_job(args, root)
         # What Ray gives each of our workers: OMP_NUM_THREADS = its CPUs (resources.cpusPerWorker).
         threads = max(1, int(parse_job(job_doc).spec.resources.cpus_per_worker))
-        # Alternating pairs, so load that comes and goes on a shared machine hits both sides.
-        pairs = []
+        # Alternating rounds, so load that comes and goes on a shared machine hits every side.
+        rounds = []
         for i in range(args.repeats):
             job_doc["spec"]["storage"]["uri"] = str(root / f"runs-{i}")  # a fresh run, not a resume
-            pairs.append((run_ours(job_doc, args), run_plain(job_doc, args, threads, root)))
+            rounds.append((run_ours(job_doc, args), run_plain(job_doc, args, threads, root), run_plain_in_ray(job_doc, args, root)))
 
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())
     print(f"\ndevice: {device_name(args.gpus)}")
     print(f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, ray {ray.__version__}, "
           f"python {platform.python_version()}, {threads} torch thread(s) per worker")
     print(f"flags:  {flags}\n")
-    print(f"{'':<10}{'tokens/s':>12}{'windows':>9}{'slowest':>10}{'fastest':>10}{'ratio':>9}")
-    ratios = []
-    for i, (ours, plain) in enumerate(pairs, 1):
-        ratios.append(ours["tokens_per_s"] / plain["tokens_per_s"])
-        for name, r in ((f"ours {i}", ours), (f"plain {i}", plain)):
-            print(f"{name:<10}{r['tokens_per_s']:>12.1f}{r['windows']:>9}{r['min']:>10.1f}{r['max']:>10.1f}"
-                  + (f"{ratios[-1]:>9.3f}" if name.startswith("plain") else ""))
-    print(f"\nratio {statistics.median(ratios):.3f}   (median of {len(ratios)} pair(s), ours / plain; goal >= 0.95)")
-    cpu = pairs[-1][0]["cpu"]
+    print(f"{'':<16}{'tokens/s':>12}{'windows':>9}{'slowest':>10}{'fastest':>10}")
+    for i, sides in enumerate(rounds, 1):
+        for name, r in zip(("ours", "plain", "plain in Ray"), sides):
+            print(f"{f'{name} {i}':<16}{r['tokens_per_s']:>12.1f}{r['windows']:>9}{r['min']:>10.1f}{r['max']:>10.1f}")
+
+    def ratio(a: int, b: int) -> str:
+        values = [sides[a]["tokens_per_s"] / sides[b]["tokens_per_s"] for sides in rounds]
+        return f"{statistics.median(values):.3f} ({', '.join(f'{v:.3f}' for v in values)})"
+
+    print(f"\nratio {ratio(0, 1)}   ours / plain, median of {len(rounds)} round(s); goal >= 0.95")
+    print(f"ours / plain in Ray {ratio(0, 2)}   what our code costs")
+    print(f"plain in Ray / plain {ratio(2, 1)}   what Ray Train costs")
+    cpu = rounds[-1][0]["cpu"]
     total = sum(cpu.values())
     print("CPU seconds of our last run, by process: " + ", ".join(f"{k} {v:.1f} s ({v / total:.0%})" for k, v in sorted(cpu.items())))
 

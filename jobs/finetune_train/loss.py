@@ -25,13 +25,21 @@ def summed_loss(logits: torch.Tensor, labels: torch.Tensor, classify: bool, weig
         losses = F.cross_entropy(logits, labels, reduction="none", label_smoothing=label_smoothing)
         targets = torch.ones_like(labels, dtype=logits.dtype)
     else:
-        shifted = labels[:, 1:]  # position i predicts token i + 1
-        losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), shifted.reshape(-1), ignore_index=IGNORE,
-                                 reduction="none").view(shifted.shape)
-        targets = (shifted != IGNORE).to(logits.dtype)
+        losses, targets = next_token_losses(logits, labels)
+        targets = targets.to(logits.dtype)
     if weight is not None:
         targets = targets * (weight if classify else weight[:, None]).to(logits.dtype)
     return (losses * targets).sum(), targets.sum()
+
+
+def next_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position, the loss of predicting the next token (position i predicts token i + 1; 0
+    where that label is IGNORE and at the last position), and which positions are targets. The
+    labels are shifted, not the logits: a slice of the logits would copy them whole (batch ×
+    length × vocabulary), and the backward pass again."""
+    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), shifted.reshape(-1), ignore_index=IGNORE, reduction="none")
+    return losses.view(shifted.shape), shifted != IGNORE
 
 
 def count_targets(labels: torch.Tensor, classify: bool) -> int:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from finetune_api.spec import PreferenceSpec
 from finetune_train.data import model_inputs
 from finetune_train.evaluate import Evaluation, all_reduce
-from finetune_train.loss import IGNORE
+from finetune_train.loss import next_token_losses
 
 Forward = Callable[[dict], torch.Tensor]  # model inputs → logits
 
@@ -34,10 +34,9 @@ Forward = Callable[[dict], torch.Tensor]  # model inputs → logits
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
     """The log-probability of each row's target tokens (position i predicts token i + 1): their
     sum, or with `average` their mean."""
-    shifted = labels[:, 1:]
-    token_logps = -F.cross_entropy(logits[:, :-1].float().transpose(1, 2), shifted, ignore_index=IGNORE, reduction="none")
-    total = token_logps.sum(-1)  # cross_entropy is 0 where the label is IGNORE
-    return total / (shifted != IGNORE).sum(-1).clamp(min=1) if average else total
+    losses, targets = next_token_losses(logits.float(), labels)
+    total = -losses.sum(-1)  # 0 where the label is IGNORE
+    return total / targets.sum(-1).clamp(min=1) if average else total
 
 
 class Pairs(NamedTuple):
