@@ -7,10 +7,11 @@ loop over torch.distributed, on the same model, data, micro batch and number of 
 Both sides build everything with the same finetune_train helpers, so what differs is Ray Train and
 ray.train.report. A third side, "plain in Ray", runs the plain loop as a TorchTrainer's
 train_loop_per_worker (Ray's workers, process group and controller, none of our recipe): ours ÷
-plain in Ray is what our code costs, plain in Ray ÷ plain what Ray Train does. Both are measured the same way, in windows of --log-every steps. Ours is what the
-program records itself: every training.logEvery steps the recipe all-reduces [loss, tokens] and
-appends tokens_per_s (non-padding tokens of all workers since the previous log point / wall time
-since then, which includes the previous point's ray.train.report) to output/metrics.json. The
+plain in Ray is what our code costs, plain in Ray ÷ plain what Ray Train does. All are measured
+the same way, in windows of --log-every steps. Ours is what the program records itself: every
+training.logEvery steps the recipe all-reduces [loss, tokens] and appends tokens_per_s
+(non-padding tokens of all workers since the previous log point / wall time since then, which
+includes the previous point's ray.train.report) to output/metrics.json. The
 plain loop does the same per-window work (one all-reduce of [loss, tokens], clock read after it)
 and computes the same figure. Windows ending after step --warmup, up to --warmup + --steps, count.
 """
@@ -211,14 +212,12 @@ def run_plain(job_doc: dict, args, threads: int, root: Path) -> dict:
 
 def run_plain_in_ray(job_doc: dict, args, root: Path) -> dict:
     """The plain loop as a TorchTrainer's loop: the workers, resources and process group Ray
-    Train gives ours (launch.run's ScalingConfig), none of our recipe."""
+    Train gives ours (launch.scaling_config), none of our recipe."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import RunConfig
     from ray.train.torch import TorchTrainer, get_device
 
     from finetune_train import launch
-
-    r = parse_job(job_doc).spec.resources
 
     def loop(_config):
         context = ray.train.get_context()
@@ -226,9 +225,8 @@ def run_plain_in_ray(job_doc: dict, args, root: Path) -> dict:
 
     launch.init_ray(include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        TorchTrainer(loop, scaling_config=ScalingConfig(
-            num_workers=args.gpus or 2, use_gpu=bool(args.gpus), resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": 1} if args.gpus else {})}),
-            run_config=RunConfig(name="plain-in-ray", storage_path=str(root / "ray"))).fit()
+        TorchTrainer(loop, scaling_config=launch.scaling_config(parse_job(job_doc), workers=args.gpus or 2),
+                     run_config=RunConfig(name="plain-in-ray", storage_path=str(root / "ray"))).fit()
     finally:
         ray.shutdown()
     return throughput(json.loads((root / "plain.json").read_text()), args)

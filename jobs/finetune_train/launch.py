@@ -196,6 +196,21 @@ def _uri(storage_root: str, fs_path: str) -> str:
     return f"s3://{fs_path}" if is_s3(storage_root) else fs_path
 
 
+def scaling_config(job: FineTuneJob, workers: int | None = None, local: bool = True):
+    """The Ray Train workers of the job: how many, and what each holds."""
+    from ray.train import ScalingConfig
+
+    r = job.spec.resources
+    return ScalingConfig(
+        num_workers=workers or r.workers,
+        use_gpu=r.gpus_per_node > 0,
+        resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": 1} if r.gpus_per_node else {})},
+        # One CPU worker per node on a real cluster (each pod is sized for its workers: several
+        # per node pack, one per GPU or workersPerNode); everything on this machine locally.
+        placement_strategy="STRICT_SPREAD" if not local and r.per_node == 1 and r.nodes > 1 else "PACK",
+    )
+
+
 def trainer_for(job: FineTuneJob, paths: RunPaths, workers: int | None = None, local: bool = True,
                 callbacks: list | None = None, signal: str | None = None, target: Target | None = None,
                 tracker: Tracker | None = None):
@@ -204,20 +219,12 @@ def trainer_for(job: FineTuneJob, paths: RunPaths, workers: int | None = None, l
     workers watch, the run's own by default (a sweep's trials share the sweep's). `target`:
     where the reports are pushed besides progress.json (a job's on Kubernetes; not a trial's).
     `tracker`: the run's opened tracking, fed every report."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from finetune_train.recipe import train_loop
 
-    r, c = job.spec.resources, job.spec.checkpointing
-    scaling = ScalingConfig(
-        num_workers=workers or r.workers,
-        use_gpu=r.gpus_per_node > 0,
-        resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": 1} if r.gpus_per_node else {})},
-        # One CPU worker per node on a real cluster (each pod is sized for its workers: several
-        # per node pack, one per GPU or workersPerNode); everything on this machine locally.
-        placement_strategy="STRICT_SPREAD" if not local and r.per_node == 1 and r.nodes > 1 else "PACK",
-    )
+    c = job.spec.checkpointing
     fs, root = paths.store.filesystem(paths.storage)
     run = RunConfig(
         name=paths.name,
@@ -235,7 +242,7 @@ def trainer_for(job: FineTuneJob, paths: RunPaths, workers: int | None = None, l
     return TorchTrainer(
         train_loop,
         train_loop_config={"spec": dump_spec(job.spec), "signal": signal or paths.name, "run_uri": paths.run, "output_uri": paths.output},
-        scaling_config=scaling,
+        scaling_config=scaling_config(job, workers, local),
         run_config=run,
     )
 
