@@ -75,13 +75,13 @@ class Cluster:
         return "\n".join(out)
 
 
-def our_processes(bin_dir: Path) -> list[str]:
-    """Processes of the node's binaries and of containerd and its shims, with their argv."""
+def cluster_processes(state: Path) -> list[str]:
+    """The argv of the live processes of the cluster in `state`: each names a file of it (a
+    config, certificate or socket); other tiers' control planes, running beside this one, do not."""
     import psutil
 
-    names = {p.name for p in bin_dir.iterdir()} | {"containerd", "containerd-shim-runc-v2", "runc"}
-    return [" ".join(p.info["cmdline"] or [p.info["name"]]) for p in psutil.process_iter(["name", "cmdline", "status"])
-            if p.info["name"] in names and p.info["status"] != psutil.STATUS_ZOMBIE]
+    return [" ".join(p.info["cmdline"]) for p in psutil.process_iter(["cmdline", "status"])
+            if str(state) in " ".join(p.info["cmdline"] or ()) and p.info["status"] != psutil.STATUS_ZOMBIE]
 
 
 def test_cluster_up_node_then_down_leaves_the_host_as_it_was(tmp_path):
@@ -90,9 +90,8 @@ def test_cluster_up_node_then_down_leaves_the_host_as_it_was(tmp_path):
     from finetune_cli import images, node
     from finetune_cli.controlplane import build_binaries
 
-    bin_dir = build_binaries()
-    before, procs = node.host_state(), our_processes(bin_dir)
-    state = tmp_path / "cluster"
+    build_binaries()
+    before, state = node.host_state(), tmp_path / "cluster"
     up = run(sys.executable, "-m", "finetune_cli.main", "cluster", "up", "--node", "--state-dir", state, timeout=600)
     try:
         kubeconfig = up.stdout.strip().splitlines()[-1]
@@ -107,11 +106,12 @@ def test_cluster_up_node_then_down_leaves_the_host_as_it_was(tmp_path):
         run(kubectl(), f"--kubeconfig={kubeconfig}", "apply", "-f", "-", input=json.dumps(pod))
         run(kubectl(), f"--kubeconfig={kubeconfig}", "wait", "--for=condition=Ready", "pod/p", "--timeout=120s", timeout=150)
         assert any(link.startswith("veth") for link in node.host_state()["links"])
+        assert any("containerd-shim" in argv for argv in cluster_processes(state)), cluster_processes(state)
     finally:
         run(sys.executable, "-m", "finetune_cli.main", "cluster", "down", "--state-dir", state, timeout=300)
     after = node.host_state()
     assert {k: v for k, v in after.items() if v != before[k]} == {}, {k: before[k] for k in after if after[k] != before[k]}
-    assert our_processes(bin_dir) == procs
+    assert cluster_processes(state) == []
     assert not state.exists()
 
 
