@@ -428,21 +428,34 @@ def _split(table: TokenTable, rows: np.ndarray, spec: FineTuneJobSpec, name: str
                     len(rows), _NOTHING[spec.model.task == "preference"], first)
     rows = rows[~empty]
     if spec.dataset.packing:
-        return Split(table, rows, pack(table.lengths()[rows], spec.dataset.max_length))
+        order, bounds = pack(table.lengths()[rows], spec.dataset.max_length)
+        return Split(table, rows[order], bounds)
     return Split(table, rows)
 
 
-def pack(lengths: np.ndarray, width: int) -> np.ndarray:
-    """Bounds of packs of consecutive rows of at most `width` tokens: each pack is filled until
-    the next row does not fit (deterministic, so a resumed run packs the same way)."""
-    bounds, used = [0], 0
-    for i, length in enumerate(lengths.tolist()):
-        if i > bounds[-1] and used + length > width:
-            bounds.append(i)
-            used = 0
-        used += length
-    bounds.append(len(lengths))
-    return np.array(bounds)
+def pack(lengths: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows into packs of at most `width` tokens, best fit decreasing (as TRL's "bfd"): longest
+    row first, each into the open pack it leaves least room in, a new pack when none has room.
+    Filling packs in file order instead leaves a long row's room empty whenever the next row
+    does not fit: a fifth of the tokens were padding on chat data of mixed lengths. Returns the
+    rows' order, each pack's rows together, and the packs' bounds in it. Deterministic, so a
+    resumed run packs the same way; ShardedBatches shuffles the packs."""
+    packs: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (tokens free, pack), sorted; packs too full for any row left out
+    smallest = int(lengths.min(initial=width))
+    for i in np.argsort(-lengths, kind="stable").tolist():
+        length = int(lengths[i])
+        at = bisect.bisect_left(room, (length, -1))
+        if at == len(room):
+            free, p = width, len(packs)
+            packs.append([])
+        else:
+            free, p = room.pop(at)
+        packs[p].append(i)
+        if free - length >= smallest:
+            bisect.insort(room, (free - length, p))
+    order = np.array([i for rows in packs for i in rows], dtype=np.int64)
+    return order, np.cumsum([0] + [len(rows) for rows in packs])
 
 
 @dataclass
