@@ -6,7 +6,7 @@ import pytest
 
 from conftest import TINY_LLAMA, job_doc
 from finetune_api.spec import SpecError, parse_job
-from finetune_operator.builders import DEFAULT_IMAGE, REPORT_TOKEN_DIR, RESTRICTED, Settings, build_rayjob, needs_apply, owned_by
+from finetune_operator.builders import DEFAULT_IMAGE, REPORT_TOKEN_DIR, RESTRICTED, Settings, build_rayjob, controller, needs_apply
 
 pytestmark = pytest.mark.unit
 
@@ -106,9 +106,9 @@ def test_gpus_scheduling_and_image_reach_the_pods(tmp_path):
 
 def test_a_rayjob_is_ours_only_through_its_controller_reference(tmp_path):
     rj = rayjob(tmp_path)
-    assert owned_by(rj, UID) and not owned_by(rj, "another-uid")
+    assert controller(rj) == UID
     rj["metadata"]["ownerReferences"][0]["controller"] = False
-    assert not owned_by(rj, UID)
+    assert controller(rj) == ""
 
 
 # ---- applying: the spec hash

@@ -306,6 +306,22 @@ def test_invalid_input_fails_at_once_naming_the_column_without_a_second_attempt(
     wait_for("a Warning Event", lambda: ("Warning", "InvalidInput") in events_of(controlplane, namespace, "nolabel"), 15)
 
 
+def test_a_rayjob_of_the_same_name_that_is_not_ours_is_left_alone_until_it_is_gone(controlplane, namespace, operator, tmp_path):
+    """Whether the name is free comes from the operator's watch of every RayJob, not a GET:
+    someone else's RayJob is named in the status and not touched; once deleted, ours is made."""
+    theirs = {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": "taken"}, "spec": {"entrypoint": "python theirs.py"}}
+    kubectl(controlplane, "apply", "-n", namespace, "-f", "-", stdin=json.dumps(theirs))
+    before = rayjob_of(controlplane, namespace, "taken")
+    uid = apply(controlplane, namespace, job_doc("taken", tmp_path, TINY_BERT))["metadata"]["uid"]
+    st = until_status(controlplane, namespace, "taken", "RayJobNameTaken", lambda s: s.get("reason") == "RayJobNameTaken")
+    assert "RayJob" in st["message"] and "delete it" in st["message"] and not st.get("rayJobName")
+    after = rayjob_of(controlplane, namespace, "taken")
+    assert (after["metadata"]["resourceVersion"], after["spec"]) == (before["metadata"]["resourceVersion"], before["spec"])
+    kubectl(controlplane, "delete", "rayjob", "taken", "-n", namespace)
+    (ours,) = wait_for("our RayJob, once theirs is gone", lambda: owned(controlplane, namespace, "rayjobs", uid), 30)
+    assert ours["spec"]["entrypoint"] != "python theirs.py"
+
+
 def test_a_failed_run_reports_the_programs_error(controlplane, namespace, operator, tmp_path):
     job = apply(controlplane, namespace, job_doc("fails", tmp_path, TINY_BERT))
     rayjob_of(controlplane, namespace, "fails")

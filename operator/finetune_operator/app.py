@@ -24,7 +24,7 @@ from kubernetes import client, config
 from finetune_api.kinds import KINDS
 from finetune_api.spec import GROUP, VERSION
 from finetune_api.status import FINAL, State
-from finetune_operator.builders import MANAGED_BY, Settings
+from finetune_operator.builders import MANAGED_BY, Settings, controller
 from finetune_operator.leader import LeaderElector
 from finetune_operator.metrics import Metrics
 from finetune_operator.reconcile import RAY_GROUP, RAY_VERSION, RAYJOBS, Apis, Reconciler, Rejected, key_of, owner_key, pod_owner
@@ -74,6 +74,9 @@ class Indexed:
         # variable): a copy of the first handler's, for the reconciles started here.
         self.context: contextvars.Context | None = None
 
+    def rayjob_owner(self, namespace: str, name: str) -> str | None:
+        return _one(self.indexes["rayjob_owners"], (namespace, name)) if self.indexes is not None else None
+
     def reconcile(self, key, trigger: str, check: bool = False) -> dict | None:
         if self.indexes is None or self.context is None:
             return None  # kopf has handled no event yet: its first events reconcile every object
@@ -106,7 +109,8 @@ def registry(reconciler: Reconciler, metrics: Metrics, indexed: Indexed) -> kopf
 
     @kopf.on.startup(registry=reg)
     def configure(settings: kopf.OperatorSettings, **kwargs):
-        indexed.indexes = {name: kwargs[name] for name in ("rayjobs_index", "pods_index", *(f"{k.plural}_index" for k in KINDS.values()))}
+        indexed.indexes = {name: kwargs[name] for name in ("rayjobs_index", "rayjob_owners", "pods_index",
+                                                           *(f"{k.plural}_index" for k in KINDS.values()))}
         # No handler of ours needs a finalizer or keeps kopf state on the objects; kopf removes
         # this finalizer from objects that versions with a daemon per object marked.
         settings.persistence.finalizer = f"{GROUP}/kopf-finalizer"
@@ -118,11 +122,18 @@ def registry(reconciler: Reconciler, metrics: Metrics, indexed: Indexed) -> kopf
         # The chart grants no list/watch on namespaces or CRDs: watch exactly the named namespaces
         # and the resources discovery found at start (else kopf retries 403s for about a minute).
         settings.scanning.disabled = True
+        # Only the Ray pods of our jobs, filtered by the apiserver: not every pod of the cluster.
+        settings.watching.label_selectors["", "v1", "pods"] = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
 
     @kopf.index(RAY_GROUP, RAY_VERSION, RAYJOBS, labels=MANAGED_BY, id="rayjobs_index", registry=reg)
     def rayjobs_index(body, **_):
         key = owner_key(body)
         return {key: _snapshot(body)} if key is not None else None
+
+    # Every RayJob's controller by name, ours or not: whether the name of a new job's RayJob is free.
+    @kopf.index(RAY_GROUP, RAY_VERSION, RAYJOBS, id="rayjob_owners", registry=reg)
+    def rayjob_owners(body, namespace, name, **_):
+        return {(namespace, name): controller(body)}
 
     @kopf.on.event(RAY_GROUP, RAY_VERSION, RAYJOBS, labels=MANAGED_BY, registry=reg)
     def rayjob(type, body, pods_index, **indexes):
@@ -250,8 +261,8 @@ def run(opts: Options) -> int:
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     api = _api()
     stop, failed, leading = threading.Event(), threading.Event(), threading.Event()
-    reconciler = Reconciler(Apis.of(api), opts.settings, post_event=lambda body, type, reason, message: kopf.event(
-        body, type=type, reason=reason, message=message))
+    reconciler = Reconciler(Apis.of(api), lambda namespace, name: indexed.rayjob_owner(namespace, name), opts.settings,
+                            post_event=lambda body, type, reason, message: kopf.event(body, type=type, reason=reason, message=message))
     metrics = Metrics(reconciler)
     indexed = Indexed(reconciler, metrics)
     identity = opts.identity or os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"

@@ -227,5 +227,6 @@ def needs_apply(desired: dict, observed: dict | None) -> bool:
     return annotations.get(SPEC_HASH) != desired["metadata"]["annotations"][SPEC_HASH]
 
 
-def owned_by(obj: dict, uid: str | None) -> bool:
-    return any(ref.get("uid") == uid and ref.get("controller") for ref in obj["metadata"].get("ownerReferences", []))
+def controller(obj: dict) -> str:
+    """The uid of the object's controller ('' when it has none)."""
+    return next((ref["uid"] for ref in obj["metadata"].get("ownerReferences") or [] if ref.get("controller")), "")
