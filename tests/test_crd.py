@@ -223,7 +223,8 @@ def is_subset(small: Any, big: Any) -> bool:
     "spec",
     [
         MINIMAL,
-        {**MINIMAL, "method": {"type": "lora", "lora": {}}, "training": {"evalEvery": 5, "earlyStopping": {}}},
+        {**MINIMAL, "dataset": {**MINIMAL["dataset"], "validationSplit": 0.1}, "method": {"type": "lora", "lora": {}},
+         "training": {"evalEvery": 5, "earlyStopping": {}}},
         {**MINIMAL, "method": {"type": "freeze", "freeze": {"progressiveUnfreezing": {"everySteps": 3}}}},
     ],
     ids=["minimal", "lora-early-stopping", "freeze"],

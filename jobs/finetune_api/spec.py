@@ -818,6 +818,14 @@ class FineTuneJobSpec(Spec):
             lambda s: s.output.format != "adapter" or s.method.type == "lora",
         ),
         Rule(
+            "training.earlyStopping",
+            "earlyStopping (and restoreBest) judge evaluations of validation data: set dataset.validation or "
+            "dataset.validationSplit, or remove training.earlyStopping",
+            "!has(self.training) || !has(self.training.earlyStopping) || has(self.dataset.validation) "
+            "|| has(self.dataset.validationSplit)",
+            lambda s: s.training.early_stopping is None or s.dataset.validation is not None or s.dataset.validation_split is not None,
+        ),
+        Rule(
             "training.earlyStopping.metric",
             "earlyStopping.metric must be an eval metric of the task ("
             + "; ".join(f"{task}: {', '.join(metrics)}" for task, metrics in EVAL_METRICS.items()) + ")",
