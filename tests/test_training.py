@@ -12,6 +12,7 @@ from finetune_api.status import Progress
 from finetune_train import launch
 from finetune_train.storage import paths_for
 from finetune_train.modeling import (
+    DS_TAG,
     checkpoint_weights,
     build_model,
     load_tokenizer,
@@ -174,15 +175,21 @@ def test_freeze_modes_keep_frozen_weights_bit_identical(ray_local, tmp_path, fre
         assert [p["unfrozen_blocks"] for p in metrics["train"]] == schedule
 
 
-def test_early_stopping_ends_the_run_with_a_final_checkpoint_and_export(ray_local, tmp_path):
+def test_early_stopping_ends_the_run_with_a_final_checkpoint_and_export_and_a_retry_keeps_both(ray_local, tmp_path):
     # No evaluation improves eval_loss by 100: the run stops after patience evaluations past the first.
     stopping = {"metric": "eval_loss", "mode": "min", "patience": 2, "minDelta": 100}
-    job = make_job("early", tmp_path, TINY_BERT, training={"maxSteps": 30, "evalEvery": 1, "earlyStopping": stopping})
+    job = make_job("early", tmp_path, TINY_BERT, training={"maxSteps": 30, "evalEvery": 1, "earlyStopping": stopping},
+                   checkpointing={"keep": 1})
     paths, metrics = train(job)
     assert metrics["stopped_early"] and metrics["steps"] == 3
     assert [e["step"] for e in metrics["eval"]] == [0, 1, 2, 3]
     progress = Progress.model_validate_json(Path(paths.progress).read_text())
     assert progress.checkpoints[-1].step == 3 and Path(paths.output, "model", "config.json").exists()
+    # Run again from the final checkpoint (as a retry does when something after it failed): the
+    # stop is remembered, and no second checkpoint of step 3 makes Ray delete the first's folder.
+    again = launch.run(job, paths)
+    assert again.state == "Succeeded" and again.step == 3, again
+    assert again.latest_checkpoint.endswith("checkpoint_00000003") and Path(again.latest_checkpoint, DS_TAG).is_dir()
 
 
 def mixed_data(path: Path, rows: int = 64) -> Path:

@@ -187,15 +187,24 @@ def train_loop(config: dict) -> None:
         state["eval"].append({"step": 0, **evaluator(splits.validation).metrics})
         ray.train.report({**state["eval"][0], "total_steps": total_steps})  # the evaluation before training
     stopper = EarlyStopping(t.early_stopping) if t.early_stopping else None
+    stop = False  # replayed over a resumed run's evaluations: its patience, and whether it had stopped
     for past in state["eval"][1:] if stopper else ():
-        stopper.should_stop(past)
+        stop = stopper.should_stop(past)
     restore_best = stopper is not None and t.early_stopping.restore_best
 
     upload = store.checkpoint_uploader(config["run_uri"])
+    checkpointed = state["step"] if checkpoint else None  # the step of the newest checkpoint
 
     def save(metrics: dict, best: bool = False) -> None:
         """A checkpoint of the current step. With restoreBest, Ray keeps the best-scoring ones
-        (and always the latest): a best evaluation's checkpoint scores its metric."""
+        (and always the latest): a best evaluation's checkpoint scores its metric. Not twice
+        for one step (a preemption right after a checkpoint or a resume, a retry after the
+        final one): Ray would delete the older entry's folder, which is the same, newest one."""
+        nonlocal checkpointed
+        if state["step"] == checkpointed:
+            ray.train.report(metrics)
+            return
+        checkpointed = state["step"]
         name = f"checkpoint_{state['step']:08d}"
         if best:
             state["best"] = {"step": state["step"], "checkpoint": name, t.early_stopping.metric: stopper.best}
@@ -211,13 +220,12 @@ def train_loop(config: dict) -> None:
     window = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, targets: on the device, no per-step sync
     tokens = padded = 0  # counted on the CPU copies
     window_start = time.perf_counter()
-    stop = False
     # Where the data order stands; a checkpoint from before positions were kept has only its step.
     epoch, index = divmod(state["step"], steps_per_epoch)
     start = tuple(state.get("position") or (epoch, index * train.per_step(t.gradient_accumulation_steps)))
     for position, micro_batches in train.steps(t.gradient_accumulation_steps, start):
         step = state["step"]
-        if step >= total_steps:  # resumed from the final checkpoint
+        if step >= total_steps or stop:  # resumed from the final checkpoint (an early stop's too)
             break
         # One all-reduce: whether to stop for preemption, and the step's targets on every rank.
         preempted, targets = preemption.sync(sum(targets_of(b) for b in micro_batches))
