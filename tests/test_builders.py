@@ -187,6 +187,15 @@ def test_a_pod_template_reaches_head_and_workers_beside_what_the_operator_needs(
         assert c["securityContext"] == RESTRICTED  # kept: the template did not replace it
 
 
+def test_a_pod_template_env_var_of_a_name_the_operator_sets_replaces_it(tmp_path):
+    """The CRD keys a container's env by name: a second AWS_ACCESS_KEY_ID would fail every apply."""
+    mine = {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "mine", "key": "id"}}}
+    rj = rayjob(tmp_path, podTemplate={"env": [mine]}, storage={"uri": "s3://b/runs", "credentialsSecret": {"name": "s3"}})
+    for p in pods(rj).values():
+        env = p["containers"][0]["env"]
+        assert [e["name"] for e in env] == ["AWS_SECRET_ACCESS_KEY", "FINETUNE_IMAGE", "AWS_ACCESS_KEY_ID"] and env[-1] == mine
+
+
 def test_a_pod_template_replaces_the_security_context_only_explicitly(tmp_path):
     mine = {"runAsUser": 0, "runAsNonRoot": False}
     p = pods(rayjob(tmp_path, podTemplate={"securityContext": mine, "podSecurityContext": {"fsGroup": 1000}}))

@@ -89,12 +89,15 @@ def _report(settings: Settings) -> tuple[list[dict], list[dict], list[dict]]:
 
 
 def _pod(name: str, image: str, requests: dict, limits: dict, s: FineTuneJobSpec, settings: Settings) -> dict:
-    """A Ray pod template: ours, then the user's podTemplate merged on (their env after ours,
-    so theirs wins; their volumes beside ours; their securityContext instead of ours)."""
+    """A Ray pod template: ours, then the user's podTemplate merged on (their env replaces ours
+    of the same name: the CRD keys env by name, so two would fail the apply; their volumes
+    beside ours; their securityContext instead of ours)."""
     t: PodTemplateSpec = s.pod_template
     report_env, report_volumes, report_mounts = _report(settings)
-    env = [*s3_credentials_env(s.storage), *mlflow_credentials_env(s.tracking), {"name": "FINETUNE_IMAGE", "value": image},
-           *report_env, *(e.wire() for e in t.env)]
+    theirs = [e.wire() for e in t.env]
+    named = {e["name"] for e in theirs}
+    ours = [*s3_credentials_env(s.storage), *mlflow_credentials_env(s.tracking), {"name": "FINETUNE_IMAGE", "value": image}, *report_env]
+    env = [*(e for e in ours if e["name"] not in named), *theirs]
     mounts = [{"name": "shm", "mountPath": "/dev/shm"}, *report_mounts, *(m.wire() for m in t.volume_mounts)]
     container = {
         "name": name,
