@@ -17,7 +17,7 @@ from kubernetes.client.rest import ApiException
 from conftest import TINY_LLAMA, job_doc
 from finetune_operator.builders import SPEC_HASH, Settings, controller
 from finetune_operator.leader import ADDRESS, LeaderElector
-from finetune_operator.reconcile import FIELD_MANAGER, STALE_SECONDS, Apis, Reconciler, Rejected
+from finetune_operator.reconcile import FIELD_MANAGER, STALE_SECONDS, Apis, Cache, Reconciler, Rejected
 
 pytestmark = pytest.mark.unit
 
@@ -44,9 +44,14 @@ class Recording:
         self.pods: dict[tuple[str, str], client.V1Pod] = {}
         self.tokens: dict[str, tuple[str, str, str]] = {}  # token -> (namespace, pod, pod uid)
         self.workloads: list[dict] = []
+        self.uids = {("FineTuneJob", "team-a", "sft"): UID, ("FineTuneJob", "team-a", "other"): "uid-of-other"}
 
-    def rayjob_owner(self, ns, name):  # what the operator's index of every RayJob holds
+    # Cache: what the operator's indexes hold
+    def rayjob_owner(self, ns, name):
         return controller(self.rayjobs[ns, name]) if (ns, name) in self.rayjobs else None
+
+    def uid(self, key):
+        return self.uids.get(key)
 
     # CustomObjectsApi
     def patch_namespaced_custom_object(self, group, version, ns, plural, name, body, field_manager=None, force=None,
@@ -105,7 +110,7 @@ def events():
 
 @pytest.fixture
 def reconciler(fake, clock, events):
-    return Reconciler(Apis(fake, fake, fake), fake.rayjob_owner, Settings(report_url="http://op:8081/v1/progress"),
+    return Reconciler(Apis(fake, fake, fake), Cache(fake.rayjob_owner, fake.uid), Settings(report_url="http://op:8081/v1/progress"),
                       post_event=lambda body, type, reason, message: events.append((type, reason)), clock=clock)
 
 
@@ -122,10 +127,10 @@ def kuberay(fake: Recording, **status) -> dict:
     return copy.deepcopy(rj)
 
 
-def head_pod(fake: Recording, job: str = "sft", cluster: str = "sft-raycluster-abcde") -> None:
-    fake.pods["team-a", "sft-head"] = client.V1Pod(metadata=client.V1ObjectMeta(
-        name="sft-head", namespace="team-a", uid="pod-uid", labels={"finetune.dev/job": job, "ray.io/cluster": cluster}))
-    fake.tokens[TOKEN] = ("team-a", "sft-head", "pod-uid")
+def head_pod(fake: Recording, job: str = "sft", cluster: str = "sft-raycluster-abcde", name: str = "sft-head", token: str = TOKEN) -> None:
+    fake.pods["team-a", name] = client.V1Pod(metadata=client.V1ObjectMeta(
+        name=name, namespace="team-a", uid=f"uid-of-{name}", labels={"finetune.dev/job": job, "ray.io/cluster": cluster}))
+    fake.tokens[token] = ("team-a", name, f"uid-of-{name}")
 
 
 def report(step: int, updated: float, **extra) -> dict:
@@ -218,6 +223,12 @@ def test_a_report_reaches_the_status_and_only_from_the_jobs_own_pods(reconciler,
     with pytest.raises(Rejected) as err:
         reconciler.receive(TOKEN, {"kind": "FineTuneJob"})
     assert err.value.code == 400
+    # A pod of another job names itself, but the uid of this one: reports are kept by uid.
+    head_pod(fake, name="other-head", job="other", token="token-of-other")
+    with pytest.raises(Rejected) as err:
+        reconciler.receive("token-of-other", {**report(9, 9e12, state="Failed", reason="InvalidInput"), "name": "other"})
+    assert err.value.code == 403 and f"uid {UID} is not that of FineTuneJob team-a/other" in str(err.value)
+    assert reconciler.reconcile(job, rayjob)["phase"] == "Running"
 
 
 def test_a_report_from_another_ray_cluster_is_not_this_attempts(reconciler, fake, tmp_path):

@@ -27,7 +27,7 @@ from finetune_api.status import FINAL, State
 from finetune_operator.builders import MANAGED_BY, Settings, controller
 from finetune_operator.leader import LeaderElector
 from finetune_operator.metrics import Metrics
-from finetune_operator.reconcile import RAY_GROUP, RAY_VERSION, RAYJOBS, Apis, Reconciler, Rejected, key_of, owner_key, pod_owner
+from finetune_operator.reconcile import RAY_GROUP, RAY_VERSION, RAYJOBS, Apis, Cache, Reconciler, Rejected, key_of, owner_key, pod_owner
 
 log = logging.getLogger("finetune.operator")
 
@@ -74,13 +74,20 @@ class Indexed:
         # variable): a copy of the first handler's, for the reconciles started here.
         self.context: contextvars.Context | None = None
 
+    def body(self, key) -> dict | None:
+        return _one(self.indexes[f"{KINDS[key[0]].plural}_index"], key) if self.indexes is not None else None
+
+    def uid(self, key) -> str | None:
+        body = self.body(key)
+        return body["metadata"]["uid"] if body is not None else None
+
     def rayjob_owner(self, namespace: str, name: str) -> str | None:
         return _one(self.indexes["rayjob_owners"], (namespace, name)) if self.indexes is not None else None
 
     def reconcile(self, key, trigger: str, check: bool = False) -> dict | None:
         if self.indexes is None or self.context is None:
             return None  # kopf has handled no event yet: its first events reconcile every object
-        body = _one(self.indexes[f"{KINDS[key[0]].plural}_index"], key)
+        body = self.body(key)
         if body is None:
             return None
         with self.metrics.timed(trigger):
@@ -261,7 +268,8 @@ def run(opts: Options) -> int:
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     api = _api()
     stop, failed, leading = threading.Event(), threading.Event(), threading.Event()
-    reconciler = Reconciler(Apis.of(api), lambda namespace, name: indexed.rayjob_owner(namespace, name), opts.settings,
+    cache = Cache(lambda namespace, name: indexed.rayjob_owner(namespace, name), lambda key: indexed.uid(key))  # indexed: below
+    reconciler = Reconciler(Apis.of(api), cache, opts.settings,
                             post_event=lambda body, type, reason, message: kopf.event(body, type=type, reason=reason, message=message))
     metrics = Metrics(reconciler)
     indexed = Indexed(reconciler, metrics)

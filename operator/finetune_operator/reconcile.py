@@ -137,13 +137,19 @@ def namespace_terminating(err: ApiException) -> bool:
     return err.status == 403 and "NamespaceTerminating" in str(err.body)
 
 
+class Cache(NamedTuple):
+    """What the operator's watches hold, read instead of asking the apiserver (kopf's indexes;
+    the recording client in unit tests)."""
+
+    rayjob_owner: Callable[[str, str], str | None]  # (namespace, name): the RayJob's controller uid, ours or not ('' none; None: no RayJob)
+    uid: Callable[[Key], str | None]  # the uid of the FineTuneJob or FineTuneSweep of that key (None: none seen)
+
+
 class Reconciler:
-    def __init__(self, apis: Apis, rayjob_owner: Callable[[str, str], str | None], settings: Settings = Settings(),
+    def __init__(self, apis: Apis, cache: Cache, settings: Settings = Settings(),
                  post_event: Callable[[dict, str, str, str], None] | None = None, clock: Callable[[], float] = time.monotonic):
-        """`rayjob_owner(namespace, name)`: the controller uid of the RayJob of that name, ours or
-        not ('' if it has none, None if there is no such RayJob), as the watch last saw it."""
         self.custom, self.core, self.authn = apis
-        self.rayjob_owner = rayjob_owner
+        self.cache = cache
         self.settings, self.post_event, self.clock = settings, post_event or (lambda *_: None), clock
         self.reports: dict[str, Report] = {}  # uid -> the run's latest report
         self.written: dict[str, dict] = {}  # uid -> status last written (the watch may lag behind)
@@ -216,7 +222,7 @@ class Reconciler:
         at 1,000 jobs (bench/operator_latency.py); a RayJob made in the instant before ours
         would be taken over, as by any controller that acts on its cache."""
         ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
-        owner = controller(observed) if observed is not None else self.rayjob_owner(ns, name)
+        owner = controller(observed) if observed is not None else self.cache.rayjob_owner(ns, name)
         if owner not in (None, uid):
             return None, Problem(reason="RayJobNameTaken", message=f"metadata.name: RayJob {ns}/{name} exists and belongs to "
                                  f"something else; delete it or give the {kind.name} another name")
@@ -283,6 +289,8 @@ class Reconciler:
         who = self._identity(token)
         if who.namespace != ns or who.labels.get(KINDS[kind].label) != name:
             raise Rejected(403, f"pod {who.namespace}/{who.pod} does not run {kind} {ns}/{name}")
+        if self.cache.uid((kind, ns, name)) != uid:  # reports are kept by uid: only the named object's own
+            raise Rejected(403, f"uid {uid} is not that of {kind} {ns}/{name} (deleted and made again?)")
         with self.lock(uid):
             last = self.reports.get(uid)
             keep = progress is None or (last is not None and last.progress is not None and last.progress.updated > progress.updated)
