@@ -50,6 +50,9 @@ def build(j, observed=None, progress=None, previous=None, now=T0, problem=None, 
          "Failed", "RayJobFailed"),
         ({}, rayjob("Failed", "FAILED", reason="DeadlineExceeded", message="past activeDeadlineSeconds"), None, None,
          "Failed", "DeadlineExceeded"),
+        # KubeRay refused the RayJob (e.g. a name it does not take): Failed with its word, not Initializing for ever.
+        ({}, rayjob("ValidationFailed", reason="ValidationFailed", message="The RayJob metadata is invalid"), None, None,
+         "Failed", "ValidationFailed"),
         ({"retries": 2}, rayjob("Retrying", "FAILED", failed=1), PROGRESS, None, "Initializing", "Retrying"),
         ({"suspend": True}, rayjob("Suspending"), PROGRESS, None, "Suspended", "Suspending"),
         ({"suspend": True}, rayjob("Suspended"), PROGRESS, None, "Suspended", "Suspended"),
@@ -93,8 +96,9 @@ def test_running_status_mirrors_progress(tmp_path):
 
 def test_failure_message_comes_from_the_run_and_attempts_count_failures(tmp_path):
     progress = {**PROGRESS, "state": "Failed", "error": "storage error (s3://b): timeout"}
-    status = build(job(tmp_path), rayjob("Failed", "FAILED", failed=2), progress)
-    assert status["message"] == "storage error (s3://b): timeout" and status["attempts"] == 3
+    status = build(job(tmp_path), rayjob("Failed", "FAILED", failed=2), progress)  # KubeRay counted the last one too
+    assert status["message"] == "storage error (s3://b): timeout" and status["attempts"] == 2
+    assert build(job(tmp_path), rayjob("Retrying", "FAILED", failed=2))["attempts"] == 3
     assert "estimatedFinish" not in status
 
 

@@ -88,7 +88,8 @@ def phase_of(suspend: bool, queue_name: str | None, seen: Observed) -> tuple[Sta
         return State.SUSPENDED, deployment or "Suspended", "the Ray cluster is stopped; suspend: false resumes from the latest checkpoint"
     if deployment == "Complete" and job_status == "SUCCEEDED":
         return State.SUCCEEDED, "Succeeded", f"model exported to {progress.model_uri or 'storage'}"
-    if deployment == "Failed" or (deployment == "Complete" and job_status in ("FAILED", "STOPPED")):
+    # ValidationFailed: KubeRay refused the RayJob itself (its reason and message say why) and will not run it.
+    if deployment in ("Failed", "ValidationFailed") or (deployment == "Complete" and job_status in ("FAILED", "STOPPED")):
         return State.FAILED, progress.reason or st.get("reason") or "RayJobFailed", progress.error or st.get("message") or "the Ray job failed"
     if rayjob is None and problem is not None:
         return State.PENDING, problem.reason, problem.message
@@ -136,7 +137,8 @@ def _common(obj: FineTuneJob | FineTuneSweep, suspend: bool, queue_name: str | N
     model_uri = progress.model_uri if progress is not None else previous.get("modelURI")
     return {
         "phase": phase, "reason": reason, "message": message, "observed_generation": generation,
-        "attempts": seen.rayjob_status.get("failed", 0) + 1,
+        # KubeRay counts a failed attempt as it marks it Failed: the last one is in `failed` then.
+        "attempts": seen.rayjob_status.get("failed", 0) + (seen.rayjob_status.get("jobDeploymentStatus") != "Failed"),
         "conditions": conditions(phase, reason, message, seen.problem, generation, previous.get("conditions", []), _rfc3339(now)),
         "ray_job_name": seen.rayjob["metadata"]["name"] if seen.rayjob is not None else previous.get("rayJobName"),
         "model_uri": model_uri if phase == State.SUCCEEDED else None,
