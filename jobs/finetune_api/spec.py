@@ -24,10 +24,11 @@ VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 KIND = "FineTuneJob"
 
-# Kubernetes object names we derive others from (RayJob, ConfigMap, storage prefix)
-# must stay valid DNS-1123 labels after a short prefix is added.
-NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-MAX_NAME_LENGTH = 48
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"  # a DNS-1123 label: names of Secrets, PriorityClasses
+# Our objects' names become RayJob names (a sweep's: <name>-sweep), which KubeRay takes only as
+# DNS-1035 labels (starting with a letter) of at most 47 characters.
+OBJECT_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+MAX_NAME_LENGTH = 41
 
 
 class Rule(NamedTuple):
@@ -376,6 +377,8 @@ URL_PATTERN = r"^https?://[^/\s]+/?$"
 PATTERN_HINTS = {
     NAME_PATTERN: "must be a DNS-1123 label: lowercase letters, digits and '-', starting and "
     "ending with a letter or digit",
+    OBJECT_NAME_PATTERN: "must be a DNS-1035 label: lowercase letters, digits and '-', starting with a letter and "
+    "ending with a letter or digit (KubeRay's rule for the RayJob named after it)",
     QUANTITY: "must be a Kubernetes quantity such as 16Gi, 512Mi or 1.5G",
     URL_PATTERN: "must be an http:// or https:// URL of host[:port] without a path, e.g. http://minio:9000",
 }
@@ -868,7 +871,7 @@ class ObjectMeta(BaseModel):
     """The part of metadata the tool reads; everything else passes through untouched."""
 
     model_config = ConfigDict(extra="allow")
-    name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH, pattern=NAME_PATTERN)
+    name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH, pattern=OBJECT_NAME_PATTERN)
     namespace: str | None = None
     uid: str | None = None
     generation: int | None = None
@@ -937,7 +940,7 @@ def _error_lines(err: ValidationError, root: type[BaseModel], prefix: str = "") 
         elif e["type"] == "string_pattern_mismatch" and e["ctx"]["pattern"] in PATTERN_HINTS:
             msg = f"{PATTERN_HINTS[e['ctx']['pattern']]} (got {e['input']!r})"
         elif e["type"] == "string_too_long" and tuple(e["loc"]) == ("metadata", "name"):
-            msg = f"{msg}: names of the RayJob and storage paths derive from it"
+            msg = f"{msg}: the RayJob's name derives from it (KubeRay takes at most 47 characters; a sweep's adds -sweep)"
         elif e["type"] == "missing":
             msg = "required field is missing"
         elif e["type"] in ("literal_error", "enum"):
