@@ -47,6 +47,9 @@ def space(**params) -> dict:
 # (case, manifest, field the error names, the apiserver rejects it too)
 MALFORMED = [
     ("unknown-field-path", sweep_doc(**space(training__lrate={"choice": [1e-4]})), "spec.searchSpace", True),
+    # Each trial shares the sweep's Ray cluster, sized by the template: a trial cannot have its own.
+    ("resources-per-trial", sweep_doc(**space(resources__nodes={"choice": [1, 4]})), "spec.searchSpace", True),
+    ("a-field-inside-a-list", sweep_doc(**space(podTemplate__env__name={"choice": ["A"]})), "spec.searchSpace", True),
     ("empty-choice", sweep_doc(**space(training__lr={"choice": []})), "spec.searchSpace.training.lr.choice", True),
     ("low-above-high", sweep_doc(**space(training__lr={"uniform": {"low": 1e-3, "high": 1e-5}})), "spec.searchSpace.training.lr.uniform.low", True),
     ("scheduler-without-metric", sweep_doc(metric=None), "spec.metric", True),

@@ -18,16 +18,23 @@ from finetune_api.spec import (
 SWEEP_KIND = "FineTuneSweep"
 
 
+# What a trial computes. The rest (resources, storage, pods, scheduling, the queue) shapes the
+# sweep's one Ray cluster, which every trial shares as the template has it.
+TRIAL_SECTIONS = ("model", "dataset", "method", "deepspeed", "training", "checkpointing", "output")
+
+
 def leaf_paths(model: type[Spec] = FineTuneJobSpec, prefix: str = "") -> list[str]:
-    """Every scalar field of the job spec as a dotted camelCase path (training.lr,
-    method.lora.r): what a search space may name."""
+    """Every scalar field of the job spec's trial sections as a dotted camelCase path
+    (training.lr, method.lora.r), none inside a list or map: what a search space may name."""
     out = []
     for name, field in model.model_fields.items():
         path = f"{prefix}{field.alias or name}"
+        if _is_container(field.annotation) or (not prefix and path not in TRIAL_SECTIONS):
+            continue
         subs = _spec_types(field.annotation)
         if subs:
             out.extend(leaf_paths(subs[0], f"{path}."))
-        elif not _is_container(field.annotation):
+        else:
             out.append(path)
     return out
 
@@ -125,7 +132,8 @@ class FineTuneSweepSpec(Spec):
 
     paths: ClassVar[tuple[str, ...]] = tuple(leaf_paths())
     rules = (
-        Rule("searchSpace", "every key of searchSpace must be a field of the template, e.g. training.lr or method.lora.r",
+        Rule("searchSpace", "every key of searchSpace must be a field of the template that a trial computes with (in "
+             + ", ".join(TRIAL_SECTIONS) + "; not in a list), e.g. training.lr or method.lora.r",
              "self.searchSpace.all(k, k in [" + ", ".join(f"'{p}'" for p in leaf_paths()) + "])",
              lambda s: all(k in FineTuneSweepSpec.paths for k in s.search_space)),
         Rule("metric", "scheduler.type asha compares trials by metric: set metric (e.g. eval_loss) or scheduler.type none",
