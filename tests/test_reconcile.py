@@ -252,6 +252,25 @@ def test_invalid_input_fails_at_once_and_kuberay_retries_nothing(reconciler, fak
     assert events[-1] == ("Warning", "InvalidInput")
 
 
+def test_a_finished_jobs_status_survives_an_operator_restart(reconciler, fake, events, clock, tmp_path):
+    """Reports live in the operator's memory: a new replica (restart, failover) finds the run's
+    last word only in the status, which stands, and applies nothing (KubeRay's backoffLimit stays 0)."""
+    job = body(tmp_path, retries=3)
+    reconciler.reconcile(job, None)
+    head_pod(fake)
+    reconciler.receive(TOKEN, report(0, 10.0, state="Failed", reason="InvalidInput", error="spec.dataset.train row 0: no column 'label'"))
+    running = kuberay(fake, jobDeploymentStatus="Running")
+    status = reconciler.reconcile(job, running)
+    failed = kuberay(fake, jobDeploymentStatus="Failed", jobStatus="FAILED", reason="AppFailed", message="exit code 1", failed=1)
+    status = reconciler.reconcile({**job, "status": status}, failed)
+    assert (status["reason"], status["attempts"]) == ("InvalidInput", 1)
+    applies, posted = fake.count("apply"), len(events)
+    restarted = Reconciler(Apis(fake, fake, fake), Cache(fake.rayjob_owner, fake.uid), Settings(report_url="http://op:8081/v1/progress"),
+                           post_event=lambda body, type, reason, message: events.append((type, reason)), clock=clock)
+    assert restarted.reconcile({**job, "status": status}, failed) == status
+    assert fake.count("apply") == applies and len(events) == posted and fake.rayjobs["team-a", "sft"]["spec"]["backoffLimit"] == 0
+
+
 def test_a_run_that_stops_reporting_shows_it(reconciler, fake, clock, tmp_path):
     job = body(tmp_path)
     reconciler.reconcile(job, None)

@@ -192,6 +192,11 @@ class Reconciler:
                 return previous  # its RayJob was deleted after the end: a new one would train the job again
             report = inputs.report
             current = report if report is not None and rayjob is not None and report.cluster == _cluster(rayjob) else None
+            if current is None and finished(previous) and _over(rayjob) and previous.get("observedGeneration") == obj.metadata.generation:
+                # Nothing can change it, and the run's last word (its reason and message, an InvalidInput
+                # that keeps KubeRay from retrying) is in that status only: reports live in memory, lost on a restart.
+                self.inputs[uid] = inputs
+                return previous
             progress = current.progress if current is not None else None
             give_up = progress is not None and progress.state == State.FAILED and progress.reason == INVALID_INPUT
             desired = ops.rayjob(obj, self.settings, observed=rayjob, give_up=give_up)
@@ -353,6 +358,11 @@ def _changes_with_time(rayjob: dict | None) -> bool:
     may have gone silent; a suspended one may wait on Kueue."""
     return rayjob is not None and (bool((rayjob.get("spec") or {}).get("suspend"))
                                    or (rayjob.get("status") or {}).get("jobDeploymentStatus") == "Running")
+
+
+def _over(rayjob: dict | None) -> bool:
+    """KubeRay is done with the RayJob: it runs nothing more unless the RayJob is made again."""
+    return rayjob is not None and (rayjob.get("status") or {}).get("jobDeploymentStatus") in ("Complete", "Failed", "ValidationFailed")
 
 
 def _starting(rayjob: dict | None) -> bool:
