@@ -104,6 +104,25 @@ def test_a_packed_row_gives_each_example_the_loss_it_has_alone(tmp_path, cache, 
             start += n
 
 
+def test_packed_rows_laid_end_to_end_give_each_example_its_loss(tmp_path, cache):
+    """What flash-attn's kernel gets (flat=True): the rows of a packed batch as one row, told
+    apart by position ids alone; checked with SDPA, which reads them the same way."""
+    spec, path, tokenizer = setup(tmp_path, {**TINY_LLAMA, "attention": "sdpa"}, dataset={"packing": True, "maxLength": 64})
+    mixed_lengths(tmp_path / "data.jsonl")
+    train = load_splits(spec, reader(spec, tokenizer), str(tmp_path / "data.jsonl")).train
+    units = [train.unit(i) for i in range(3)]
+    torch.manual_seed(0)
+    model = build_model(spec, path, tokenizer, pretrained=True).eval()
+    rows = Collator(train.table, tokenizer.pad_token_id, False, packed=True)(units)
+    flat = Collator(train.table, tokenizer.pad_token_id, False, packed=True, flat=True)(units)
+    assert flat["input_ids"].shape == (1, rows["input_ids"].numel()) and flat["tokens"] == rows["tokens"]
+    with torch.no_grad():
+        per_row, end_to_end = token_losses(model, rows), token_losses(model, flat)[0]
+    boundary = torch.zeros(1)  # a row's last position predicts the next row's first token: no target
+    expected = torch.cat([torch.cat([r, boundary]) for r in per_row])[:-1]
+    torch.testing.assert_close(end_to_end, expected, atol=1e-5, rtol=1e-4)
+
+
 def test_the_loss_weighs_every_target_the_same_however_the_step_is_cut(tmp_path, cache):
     """Micro-batch 4 × accumulation 1 and micro-batch 1 × accumulation 4 over the same rows of
     different lengths: the same step loss and the same gradients (DeepSpeed's division by the

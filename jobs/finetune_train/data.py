@@ -471,6 +471,9 @@ class Collator:
     classification: bool
     packed: bool = False
     pairs: bool = False  # preference: every unit's chosen row, then every unit's rejected row (one forward pass)
+    # Packed rows laid end to end as one: flash-attn's kernel in transformers tells examples apart
+    # by position ids only at batch size 1 (else its causal attention crosses them).
+    flat: bool = False
 
     def __call__(self, units: list[np.ndarray]) -> dict[str, torch.Tensor]:
         if self.pairs:
@@ -500,6 +503,8 @@ class Collator:
                 [np.concatenate([np.arange(n) for n in (*row, width - sum(row)) if n]).tolist() for row in lengths])
         else:
             batch["attention_mask"] = (torch.arange(width)[None, :] < torch.tensor([sum(row) for row in lengths])[:, None]).long()
+        if self.packed and self.flat:  # each row ends in its own padding "example": nothing crosses rows
+            batch = {k: v.reshape(1, -1) for k, v in batch.items()}
         batch["tokens"] = torch.tensor(sum(map(sum, lengths)))
         return batch
 

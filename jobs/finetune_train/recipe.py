@@ -28,6 +28,7 @@ from finetune_train.modeling import (
     DS_TAG,
     apply_freeze,
     apply_lora,
+    attention_kernel,
     build_model,
     classifier,
     consolidated,
@@ -117,7 +118,8 @@ def train_loop(config: dict) -> None:
     else:
         processor = tokenizer
         read = lambda path, split: token_table(path, split, spec, tokenizer)  # noqa: E731
-        collator = lambda split, training: Collator(split.table, tokenizer.pad_token_id, classify, d.packing, pairs)  # noqa: E731
+        flat = d.packing and attention_kernel(spec) == "flash_attention_2"
+        collator = lambda split, training: Collator(split.table, tokenizer.pad_token_id, classify, d.packing, pairs, flat)  # noqa: E731
     local = lambda uri: uri and store.local_copy(uri)  # noqa: E731
     splits = load_splits(spec, read, local(d.train), local(d.validation), local(d.test))
     train = ShardedBatches(splits.train, t.micro_batch_size, rank, world, d.seed, collator(splits.train, True))
