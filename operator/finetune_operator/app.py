@@ -74,11 +74,8 @@ class Indexed:
         # variable): a copy of the first handler's, for the reconciles started here.
         self.context: contextvars.Context | None = None
 
-    def body(self, key) -> dict | None:
-        return _one(self.indexes[f"{KINDS[key[0]].plural}_index"], key) if self.indexes is not None else None
-
     def uid(self, key) -> str | None:
-        body = self.body(key)
+        body = _one(self.indexes[f"{KINDS[key[0]].plural}_index"], key) if self.indexes is not None else None
         return body["metadata"]["uid"] if body is not None else None
 
     def rayjob_owner(self, namespace: str, name: str) -> str | None:
@@ -87,12 +84,8 @@ class Indexed:
     def reconcile(self, key, trigger: str, check: bool = False) -> dict | None:
         if self.indexes is None or self.context is None:
             return None  # kopf has handled no event yet: its first events reconcile every object
-        body = self.body(key)
-        if body is None:
-            return None
         with self.metrics.timed(trigger):
-            return self.context.copy().run(_reconcile_indexed, self.reconciler, body, key, self.indexes["rayjobs_index"],
-                                           self.indexes["pods_index"], check)
+            return self.context.copy().run(_reconcile_indexed, self.reconciler, key, self.indexes, check)
 
     def poll(self, every: float, stop: threading.Event) -> None:
         """Every `every` seconds each object: a run gone silent, why Kueue lets a job wait."""
@@ -143,12 +136,11 @@ def registry(reconciler: Reconciler, metrics: Metrics, indexed: Indexed) -> kopf
         return {(namespace, name): controller(body)}
 
     @kopf.on.event(RAY_GROUP, RAY_VERSION, RAYJOBS, labels=MANAGED_BY, registry=reg)
-    def rayjob(type, body, pods_index, **indexes):
+    def rayjob(body, **indexes):  # kopf has put the event in the indexes already (a deleted RayJob out of them)
         key = owner_key(body)
-        job = _one(indexes[f"{KINDS[key[0]].plural}_index"], key) if key is not None else None
-        if job is not None:
+        if key is not None:
             with metrics.timed("rayjob"):
-                reconciler.reconcile(job, None if type == "DELETED" else _snapshot(body), list(pods_index.get(key, ())))
+                _reconcile_indexed(reconciler, key, indexes)
 
     # The Ray pods (KubeRay copies our labels onto them): why a job's pods do not start.
     @kopf.index("", "v1", "pods", labels=MANAGED_BY, id="pods_index", registry=reg)
@@ -157,12 +149,11 @@ def registry(reconciler: Reconciler, metrics: Metrics, indexed: Indexed) -> kopf
         return {key: {"metadata": {"name": body["metadata"]["name"]}, "status": dict(body.get("status") or {})}} if key else None
 
     @kopf.on.event("", "v1", "pods", labels=MANAGED_BY, registry=reg)
-    def pod(body, pods_index, rayjobs_index, **indexes):
+    def pod(body, **indexes):
         key = pod_owner(body)
-        job = _one(indexes[f"{KINDS[key[0]].plural}_index"], key) if key is not None else None
-        if job is not None:
+        if key is not None:
             with metrics.timed("pod"):
-                _reconcile_indexed(reconciler, job, key, rayjobs_index, pods_index)
+                _reconcile_indexed(reconciler, key, indexes)
 
     for kind in KINDS.values():
         _kind_handlers(reg, kind, reconciler, metrics, indexed)
@@ -177,21 +168,30 @@ def _kind_handlers(reg: kopf.OperatorRegistry, kind, reconciler: Reconciler, met
         return {key_of(body): _snapshot(body)}
 
     @kopf.on.event(GROUP, VERSION, plural, id=plural, registry=reg)
-    def event(type, body, uid, rayjobs_index, pods_index, **_):
+    def event(type, body, uid, **indexes):
         if indexed.context is None:
             indexed.context = contextvars.copy_context()
         if type == "DELETED":
             reconciler.forget(uid)
             return
-        key = key_of(body)
         with metrics.timed(kind.name.lower()):
-            _reconcile_indexed(reconciler, _snapshot(body), key, rayjobs_index, pods_index)
+            _reconcile_indexed(reconciler, key_of(body), indexes)
 
 
-def _reconcile_indexed(reconciler: Reconciler, body: dict, key, rayjobs_index, pods_index, check: bool = False) -> dict | None:
-    """Reconciles with the RayJob and pods the indexes hold, read under the object's lock."""
-    with reconciler.lock(body["metadata"]["uid"]):
-        return reconciler.reconcile(body, _one(rayjobs_index, key), list(pods_index.get(key, ())), check)
+def _reconcile_indexed(reconciler: Reconciler, key, indexes, check: bool = False) -> dict | None:
+    """Reconciles the object of `key` with what kopf's indexes hold: it, its RayJob and its Ray
+    pods, read under the object's lock. Read before it, any of them could be older than what
+    a concurrent reconcile (an event, a report, the poll) just acted on: an older spec applied
+    again, a Succeeded job back to Running."""
+    index = indexes[f"{KINDS[key[0]].plural}_index"]
+    seen = _one(index, key)
+    if seen is None:
+        return None
+    with reconciler.lock(seen["metadata"]["uid"]):
+        body = _one(index, key)
+        if body is None or body["metadata"]["uid"] != seen["metadata"]["uid"]:
+            return None  # deleted, or deleted and made again: its own events reconcile the new one
+        return reconciler.reconcile(body, _one(indexes["rayjobs_index"], key), list(indexes["pods_index"].get(key, ())), check)
 
 
 def _api() -> client.ApiClient:
