@@ -61,6 +61,11 @@ def _one(index, key):
     return next(iter(index.get(key, ())), None)
 
 
+def _object(indexes, key) -> dict | None:
+    """The FineTuneJob or FineTuneSweep of `key` as its kind's index holds it."""
+    return _one(indexes[f"{KINDS[key[0]].plural}_index"], key)
+
+
 class Indexed:
     """Reconciles that no watch event starts (a run's report, the periodic look), with what
     kopf's indexes hold. Not a kopf daemon or timer per object: kopf puts a finalizer on every
@@ -75,7 +80,7 @@ class Indexed:
         self.context: contextvars.Context | None = None
 
     def uid(self, key) -> str | None:
-        body = _one(self.indexes[f"{KINDS[key[0]].plural}_index"], key) if self.indexes is not None else None
+        body = _object(self.indexes, key) if self.indexes is not None else None
         return body["metadata"]["uid"] if body is not None else None
 
     def rayjob_owner(self, namespace: str, name: str) -> str | None:
@@ -183,12 +188,11 @@ def _reconcile_indexed(reconciler: Reconciler, key, indexes, check: bool = False
     pods, read under the object's lock. Read before it, any of them could be older than what
     a concurrent reconcile (an event, a report, the poll) just acted on: an older spec applied
     again, a Succeeded job back to Running."""
-    index = indexes[f"{KINDS[key[0]].plural}_index"]
-    seen = _one(index, key)
+    seen = _object(indexes, key)
     if seen is None:
         return None
     with reconciler.lock(seen["metadata"]["uid"]):
-        body = _one(index, key)
+        body = _object(indexes, key)
         if body is None or body["metadata"]["uid"] != seen["metadata"]["uid"]:
             return None  # deleted, or deleted and made again: its own events reconcile the new one
         return reconciler.reconcile(body, _one(indexes["rayjobs_index"], key), list(indexes["pods_index"].get(key, ())), check)
