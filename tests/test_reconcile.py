@@ -108,10 +108,15 @@ def events():
     return []
 
 
-@pytest.fixture
-def reconciler(fake, clock, events):
+def new_reconciler(fake, clock, events) -> Reconciler:
+    """An operator replica over the recording client (a second one is a restart)."""
     return Reconciler(Apis(fake, fake, fake), Cache(fake.rayjob_owner, fake.uid), Settings(report_url="http://op:8081/v1/progress"),
                       post_event=lambda body, type, reason, message: events.append((type, reason)), clock=clock)
+
+
+@pytest.fixture
+def reconciler(fake, clock, events):
+    return new_reconciler(fake, clock, events)
 
 
 def body(tmp_path, **spec) -> dict:
@@ -265,9 +270,7 @@ def test_a_finished_jobs_status_survives_an_operator_restart(reconciler, fake, e
     status = reconciler.reconcile({**job, "status": status}, failed)
     assert (status["reason"], status["attempts"]) == ("InvalidInput", 1)
     applies, posted = fake.count("apply"), len(events)
-    restarted = Reconciler(Apis(fake, fake, fake), Cache(fake.rayjob_owner, fake.uid), Settings(report_url="http://op:8081/v1/progress"),
-                           post_event=lambda body, type, reason, message: events.append((type, reason)), clock=clock)
-    assert restarted.reconcile({**job, "status": status}, failed) == status
+    assert new_reconciler(fake, clock, events).reconcile({**job, "status": status}, failed) == status
     assert fake.count("apply") == applies and len(events) == posted and fake.rayjobs["team-a", "sft"]["spec"]["backoffLimit"] == 0
 
 
