@@ -185,7 +185,7 @@ WATCH_RULES = {  # (apiGroup, resource) -> verbs, in every watched namespace (or
     ("finetune.dev", "finetunesweeps/status"): {"get", "patch", "update"},
     ("ray.io", "rayjobs"): {"get", "list", "watch", "create", "patch"},
     ("", "pods"): {"get", "list", "watch"},  # why a starting job is stuck (status.pod_problem); the pod a report comes from
-    ("kueue.x-k8s.io", "workloads"): {"list"},  # why a queued job waits
+    ("kueue.x-k8s.io", "workloads"): {"list", "patch"},  # why a queued job waits; held while suspended
     ("", "events"): {"create", "patch"},
     ("events.k8s.io", "events"): {"create", "patch"},
 }

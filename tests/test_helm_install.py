@@ -269,6 +269,7 @@ NEEDED = [
     *[(verb, RAYJOBS, None) for verb in ("get", "list", "watch", "create", "patch")],
     *[(verb, "pods", None) for verb in ("get", "list", "watch")],
     ("list", WORKLOADS, None),
+    ("patch", WORKLOADS, None),
     ("create", "events", None),
 ]
 # Never, in any namespace nor across all of them: runs report their progress themselves, so

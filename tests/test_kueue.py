@@ -90,24 +90,48 @@ def test_rayjobs_wait_for_quota_and_are_admitted_when_it_frees(controlplane):
     assert condition("second", "Admitted").get("status") == "True", json.dumps(workload("second"), indent=1)
 
 
-def test_a_queued_finetunejob_waits_suspended_saying_why_and_starts_when_quota_frees(controlplane, namespace, tmp_path):
+def test_a_queued_finetunejob_waits_saying_why_and_suspend_gives_its_quota_back(controlplane, namespace, tmp_path):
+    """Kueue unsuspends whatever it has admitted (and admits a suspended job when quota frees):
+    a user's suspend of a queued job holds only if its Workload is deactivated."""
     from test_operator import Operator, apply as apply_job, rayjob_of, until_status
 
     queue = queue_for(controlplane, namespace)
     small = {"nodes": 1, "cpusPerWorker": 0.2, "memoryPerWorker": "256Mi", "head": {"cpu": "100m", "memory": "256Mi"}}
+
+    def suspend(name: str, value: bool) -> None:
+        kubectl(controlplane, "patch", "ftj", name, "-n", namespace, "--type=merge", "-p", json.dumps({"spec": {"suspend": value}}))
+
+    def admitted(name: str) -> dict:
+        return until_status(controlplane, namespace, name, f"{name} admitted", lambda s: s.get("phase") == "Initializing", 90)
+
+    def waiting(name: str) -> dict:
+        st = until_status(controlplane, namespace, name, f"{name} queued", lambda s: s.get("reason") == "Queued"
+                          and "insufficient unused quota" in s.get("message", ""), 60)
+        assert st["phase"] == "Suspended" and f"queue {queue}" in st["message"]
+        return st
+
     op = Operator(controlplane, tmp_path / "operator.log", "--namespace", namespace, "--no-leader-election")
     try:
         for name in ("first", "second"):
             apply_job(controlplane, namespace, job_doc(name, tmp_path, TINY_BERT, queueName=queue, resources=small))
             assert rayjob_of(controlplane, namespace, name)["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == queue
             if name == "first":  # admitted: Kueue unsuspends it, and the operator leaves it so
-                until_status(controlplane, namespace, "first", "admitted", lambda s: s.get("phase") == "Initializing", 60)
-        st = until_status(controlplane, namespace, "second", "Queued", lambda s: s.get("reason") == "Queued"
-                          and "insufficient unused quota" in s.get("message", ""), 60)
-        assert st["phase"] == "Suspended" and f"queue {queue}" in st["message"]
+                admitted("first")
+        waiting("second")
         assert get(controlplane, namespace, "rayjob", "first")["spec"].get("suspend", False) is False
 
-        kubectl(controlplane, "delete", "ftj", "first", "-n", namespace)  # its RayJob goes with it, and its quota
-        until_status(controlplane, namespace, "second", "admitted once the quota freed", lambda s: s.get("phase") == "Initializing", 90)
+        suspend("first", True)  # its quota goes to the job that waits
+        admitted("second")
+        assert get(controlplane, namespace, "rayjob", "first")["spec"]["suspend"] is True  # Kueue had its chance to unsuspend it
+
+        suspend("first", False)  # back in the queue, behind the job that holds the quota now
+        waiting("first")
+        kubectl(controlplane, "delete", "ftj", "second", "-n", namespace)  # its RayJob goes with it, and its quota
+        admitted("first")
+
+        # Created suspended: nothing reaches Kueue, which would admit it.
+        apply_job(controlplane, namespace, job_doc("third", tmp_path, TINY_BERT, queueName=queue, resources=small, suspend=True))
+        until_status(controlplane, namespace, "third", "third suspended", lambda s: s.get("reason") == "Suspended")
+        assert kubectl(controlplane, "get", "rayjob", "third", "-n", namespace, check=False).returncode != 0
     finally:
         assert op.stop() == 0, op.log.read_text()[-3000:]

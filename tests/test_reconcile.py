@@ -56,9 +56,13 @@ class Recording:
     # CustomObjectsApi
     def patch_namespaced_custom_object(self, group, version, ns, plural, name, body, field_manager=None, force=None,
                                        _content_type=None, _preload_content=True):
+        if plural == "workloads":  # a merge patch of Kueue's Workload
+            self.calls.append(("patch", plural, name, body))
+            return next(w for w in self.workloads if w["metadata"]["name"] == name)["spec"].update(body["spec"])
         self.calls.append(("apply", plural, name, field_manager, force, _content_type))
         obj = self.rayjobs.setdefault((ns, name), {"status": {}})
         obj.update({k: copy.deepcopy(v) for k, v in body.items() if k != "status"})
+        obj["metadata"]["uid"] = f"uid-of-{name}"  # the apiserver's
         return SimpleNamespace(data=json.dumps(obj).encode())  # the raw response
 
     def patch_namespaced_custom_object_status(self, group, version, ns, plural, name, body, field_manager=None, force=None,
@@ -305,13 +309,45 @@ def test_a_queued_job_says_why_kueue_waits(reconciler, fake, tmp_path):
     job = body(tmp_path, queueName="gpu")
     reconciler.reconcile(job, None)
     assert fake.rayjobs["team-a", "sft"]["spec"]["suspend"] is True
-    fake.workloads = [{"status": {"conditions": [{"type": "QuotaReserved", "status": "False",
+    fake.workloads = [{"metadata": {"name": "rayjob-sft-1a2b3", "namespace": "team-a"}, "spec": {"active": True},
+                       "status": {"conditions": [{"type": "QuotaReserved", "status": "False",
                                                   "message": "couldn't assign flavors to pod set workers: insufficient unused quota"}]}}]
     rayjob = copy.deepcopy(fake.rayjobs["team-a", "sft"])
     rayjob["metadata"]["uid"] = "rj-uid"
     status = reconciler.reconcile(job, rayjob, check=True)
     assert (status["phase"], status["reason"]) == ("Suspended", "Queued") and "insufficient unused quota" in status["message"]
     assert ("list", "workloads", "kueue.x-k8s.io/job-uid=rj-uid") in fake.calls
+
+
+def test_a_queued_job_the_user_suspends_has_its_workload_held_until_resumed(reconciler, fake, tmp_path):
+    """Kueue unsuspends what it admitted: a user's suspend holds through the Workload's spec.active
+    (the control-plane tier runs this against the real Kueue, test_kueue.py)."""
+    created_suspended = reconciler.reconcile(body(tmp_path, queueName="gpu", suspend=True), None)
+    assert created_suspended["phase"] == "Suspended" and fake.count("apply") == 0  # no RayJob for Kueue to admit
+    job = body(tmp_path, queueName="gpu")
+    reconciler.reconcile(job, None)
+    rayjob = copy.deepcopy(fake.rayjobs["team-a", "sft"])
+    rayjob["metadata"]["uid"] = "rj-uid"
+    running = {**rayjob, "spec": {**rayjob["spec"], "suspend": False}}  # admitted: Kueue unsuspended it
+    reconciler.reconcile(job, running)  # no Workload yet: nothing to do
+    workload = {"metadata": {"name": "rayjob-sft-1a2b3", "namespace": "team-a"}, "spec": {"active": True}}
+    fake.workloads = [workload]
+
+    def patches():
+        return [c[3] for c in fake.calls if c[0] == "patch"]
+
+    suspended = body(tmp_path, queueName="gpu", suspend=True)
+    suspended["metadata"]["generation"] = 2
+    reconciler.reconcile(suspended, running)
+    assert fake.rayjobs["team-a", "sft"]["spec"]["suspend"] is True
+    assert patches() == [{"metadata": {"annotations": {"finetune.dev/suspended": "true"}}, "spec": {"active": False}}]
+    reconciler.reconcile(suspended, rayjob, check=True)  # held already: nothing more
+    assert len(patches()) == 1
+    workload["metadata"]["annotations"] = {"finetune.dev/suspended": "true"}
+    resumed = {**job, "metadata": {**job["metadata"], "generation": 3}}
+    reconciler.reconcile(resumed, rayjob)
+    assert patches()[1:] == [{"metadata": {"annotations": {"finetune.dev/suspended": None}}, "spec": {"active": True}}]
+    assert workload["spec"]["active"] is True
 
 
 def test_a_finished_job_whose_rayjob_is_gone_is_not_trained_again(reconciler, fake, tmp_path):

@@ -31,6 +31,8 @@ log = logging.getLogger("finetune.operator")
 
 RAY_GROUP, RAY_VERSION, RAYJOBS = "ray.io", "v1", "rayjobs"
 KUEUE_GROUP, KUEUE_VERSION, WORKLOADS = "kueue.x-k8s.io", "v1beta2", "workloads"
+# On a Workload the operator deactivated for a user's suspend: only those it activates again.
+HELD = "finetune.dev/suspended"
 FIELD_MANAGER = "finetune-operator"
 APPLY = "application/apply-patch+yaml"
 # A run pings every 10 s (progress.HEARTBEAT_SECONDS); this long without a word, its head is lost.
@@ -155,13 +157,14 @@ class Reconciler:
         self.written: dict[str, dict] = {}  # uid -> status last written (the watch may lag behind)
         self.keys: dict[str, Key] = {}  # uid -> (kind, namespace, name), for /metrics
         self.queues: dict[str, str | None] = {}  # uid -> Kueue's word on the queued job, at the last check
+        self.held: dict[str, bool] = {}  # uid -> whether its Workload was last made inactive (or active again)
         self.identities: dict[str, Identity] = {}  # sha256 of a token -> what it was verified as
         self._locks: dict[str, threading.RLock] = {}  # uid -> one reconcile at a time
         self.inputs: dict[str, Inputs] = {}  # uid -> what the last reconcile saw
 
     def forget(self, uid: str) -> None:
         """The object is gone."""
-        for memo in (self.reports, self.written, self.keys, self.queues, self._locks, self.inputs):
+        for memo in (self.reports, self.written, self.keys, self.queues, self.held, self._locks, self.inputs):
             memo.pop(uid, None)
 
     def lock(self, uid: str) -> threading.RLock:
@@ -200,23 +203,27 @@ class Reconciler:
             progress = current.progress if current is not None else None
             give_up = progress is not None and progress.state == State.FAILED and progress.reason == INVALID_INPUT
             desired = ops.rayjob(obj, self.settings, observed=rayjob, give_up=give_up)
+            queue = ops.job_spec(obj).queue_name
+            hold = ops.suspend(obj) and queue is not None  # see _hold
             problem = None
-            if needs_apply(desired, rayjob):
+            if needs_apply(desired, rayjob) and not (hold and rayjob is None):
                 try:
                     rayjob, problem = self._apply(desired, rayjob, obj.metadata.uid, ops.kind)
                 except ApiException as err:
                     if not namespace_terminating(err):
                         raise
                     return previous  # the job goes with its namespace: nothing to create or say
+            if queue is not None and rayjob is not None and problem is None and self.held.get(uid) != hold:
+                self._hold(uid, rayjob, hold)
             if check and problem is None:
-                self.queues[uid] = self._queue_message(rayjob) if queued(ops.suspend(obj), ops.job_spec(obj).queue_name, rayjob) else None
+                self.queues[uid] = self._queue_message(rayjob) if queued(ops.suspend(obj), queue, rayjob) else None
             problem = (problem or self._stale(rayjob, report) or (progress.warning if progress else None)
                        or (pod_problem(pods) if _starting(rayjob) else None))
             seen = Observed(rayjob=rayjob, progress=progress, problem=problem, queue=self.queues.get(uid))
             status = self._write(body, previous, ops.status(obj, seen, previous, time.time()))
             if current is not None:
                 current.consumed.set()
-            if rayjob is not None:  # else its name is taken: looked at again each time, until it is freed
+            if rayjob is not None:  # else its name is taken, or it is held back: looked at again each time
                 self.inputs[uid] = replace(inputs, rayjob=rayjob, queue=self.queues.get(uid))  # as applied, as Kueue said
             return status
 
@@ -235,16 +242,37 @@ class Reconciler:
         log.info("%s RayJob %s/%s", "created" if owner is None else "applied", ns, name)
         return applied, None
 
-    def _queue_message(self, rayjob: dict) -> str | None:
-        """Kueue's reason for not admitting the RayJob yet (its Workload's QuotaReserved condition)."""
+    def _workloads(self, rayjob: dict) -> list[dict]:
+        """Kueue's Workloads of the RayJob (none when it cannot be read: Kueue may not be installed)."""
         try:
-            workloads = self.custom.list_namespaced_custom_object(
+            return self.custom.list_namespaced_custom_object(
                 KUEUE_GROUP, KUEUE_VERSION, rayjob["metadata"]["namespace"], WORKLOADS,
                 label_selector=f"kueue.x-k8s.io/job-uid={rayjob['metadata']['uid']}")["items"]
         except ApiException as err:
             log.warning("could not read Kueue's Workload of RayJob %s: %s", rayjob["metadata"]["name"], err.reason)
-            return None
-        for workload in workloads:
+            return []
+
+    def _hold(self, uid: str, rayjob: dict, hold: bool) -> None:
+        """A queued job the user suspends gets its Workload deactivated, and activated again when
+        they resume it. Kueue unsuspends any RayJob it has admitted, and admits a suspended one
+        when quota frees, so suspend alone would not stop a queued job; deactivating is how
+        Kueue stops one, and gives its quota to the jobs that wait. (A queued job created
+        suspended gets no RayJob until it is resumed: Kueue never sees it.)"""
+        workloads = self._workloads(rayjob)
+        for w in workloads:
+            held = HELD in (w["metadata"].get("annotations") or {})
+            if hold != held:  # activate only what we deactivated (Kueue deactivates for reasons of its own)
+                self.custom.patch_namespaced_custom_object(
+                    KUEUE_GROUP, KUEUE_VERSION, w["metadata"]["namespace"], WORKLOADS, w["metadata"]["name"],
+                    {"metadata": {"annotations": {HELD: "true" if hold else None}}, "spec": {"active": not hold}},
+                    _content_type="application/merge-patch+json")
+                log.info("%s Kueue Workload %s/%s", "deactivated" if hold else "activated", w["metadata"]["namespace"], w["metadata"]["name"])
+        if workloads or not hold:  # Kueue makes the Workload after the RayJob: until then, looked for again
+            self.held[uid] = hold
+
+    def _queue_message(self, rayjob: dict) -> str | None:
+        """Kueue's reason for not admitting the RayJob yet (its Workload's QuotaReserved condition)."""
+        for workload in self._workloads(rayjob):
             for cond in (workload.get("status") or {}).get("conditions") or []:
                 if cond.get("type") == "QuotaReserved" and cond.get("status") == "False":
                     return cond.get("message")

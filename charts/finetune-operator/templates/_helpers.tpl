@@ -116,10 +116,11 @@ progress themselves, and a missing Secret shows in the pods' status.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch"]
-# Kueue's Workload of a queued job: why it is not admitted yet.
+# Kueue's Workload of a queued job: why it is not admitted yet; deactivated while the user
+# suspends the job (Kueue would unsuspend it).
 - apiGroups: ["kueue.x-k8s.io"]
   resources: ["workloads"]
-  verbs: ["list"]
+  verbs: ["list", "patch"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "patch"]
