@@ -240,6 +240,20 @@ def test_a_report_reaches_the_status_and_only_from_the_jobs_own_pods(reconciler,
     assert reconciler.reconcile(job, rayjob)["phase"] == "Running"
 
 
+def test_a_final_report_replaced_before_its_reconcile_is_answered_when_its_successor_is_used(reconciler, fake, tmp_path):
+    """The report endpoint answers a final report once a reconcile used it; a ping arriving
+    first replaces it (carrying its progress), and the reconcile that uses the ping uses it too."""
+    job = body(tmp_path)
+    reconciler.reconcile(job, None)
+    rayjob = kuberay(fake, jobDeploymentStatus="Running", jobStatus="RUNNING")
+    head_pod(fake)
+    final = reconciler.receive(TOKEN, report(10, 10.0, state="Succeeded"))
+    ping = reconciler.receive(TOKEN, {k: v for k, v in report(10, 10.0).items() if k != "progress"})
+    assert ping.progress is final.progress
+    assert reconciler.reconcile(job, rayjob)["progress"]["step"] == 10
+    assert ping.consumed.is_set() and final.consumed.is_set()  # its sender waited FINAL_REPORT_WAIT_SECONDS before
+
+
 def test_a_report_from_another_ray_cluster_is_not_this_attempts(reconciler, fake, tmp_path):
     job = body(tmp_path)
     reconciler.reconcile(job, None)

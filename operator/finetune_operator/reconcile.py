@@ -327,7 +327,10 @@ class Reconciler:
         with self.lock(uid):
             last = self.reports.get(uid)
             keep = progress is None or (last is not None and last.progress is not None and last.progress.updated > progress.updated)
-            report = Report(last.progress if keep and last is not None else progress, self.clock(), who.labels.get("ray.io/cluster", ""))
+            # A report replaced before a reconcile used it is used with its successor: one whose
+            # sender waits for that (a final report) would otherwise wait its whole timeout.
+            waiting = last.consumed if last is not None and not last.consumed.is_set() else threading.Event()
+            report = Report(last.progress if keep and last is not None else progress, self.clock(), who.labels.get("ray.io/cluster", ""), waiting)
             self.reports[uid] = report
         return report
 
