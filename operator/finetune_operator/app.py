@@ -141,9 +141,11 @@ def registry(reconciler: Reconciler, metrics: Metrics, indexed: Indexed) -> kopf
         return {(namespace, name): controller(body)}
 
     @kopf.on.event(RAY_GROUP, RAY_VERSION, RAYJOBS, labels=MANAGED_BY, registry=reg)
-    def rayjob(body, **indexes):  # kopf has put the event in the indexes already (a deleted RayJob out of them)
+    def rayjob(type, body, **indexes):  # kopf has put the event in the indexes already (a deleted RayJob out of them)
         key = owner_key(body)
         if key is not None:
+            if type == "DELETED":
+                reconciler.rayjob_deleted(controller(body))
             with metrics.timed("rayjob"):
                 _reconcile_indexed(reconciler, key, indexes)
 

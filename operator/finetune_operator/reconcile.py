@@ -39,6 +39,8 @@ APPLY = "application/apply-patch+yaml"
 STALE_SECONDS = 45.0
 # How long a verified token (and the pod it is bound to) is trusted before it is checked again.
 IDENTITY_SECONDS = 60.0
+# How long the RayJob an apply returned stands in for the one our watch has not delivered yet.
+APPLIED_SECONDS = 30.0
 
 
 class Ops(NamedTuple):
@@ -161,11 +163,16 @@ class Reconciler:
         self.identities: dict[str, Identity] = {}  # sha256 of a token -> what it was verified as
         self._locks: dict[str, threading.RLock] = {}  # uid -> one reconcile at a time
         self.inputs: dict[str, Inputs] = {}  # uid -> what the last reconcile saw
+        self.applied: dict[str, tuple[dict, float]] = {}  # uid -> (its RayJob as our apply returned it, when)
 
     def forget(self, uid: str) -> None:
         """The object is gone."""
-        for memo in (self.reports, self.written, self.keys, self.queues, self.held, self._locks, self.inputs):
+        for memo in (self.reports, self.written, self.keys, self.queues, self.held, self._locks, self.inputs, self.applied):
             memo.pop(uid, None)
+
+    def rayjob_deleted(self, uid: str) -> None:
+        """The object's RayJob is gone (our watch saw it deleted): no longer stood in for."""
+        self.applied.pop(uid, None)
 
     def lock(self, uid: str) -> threading.RLock:
         """One reconcile of an object at a time. Callers that read the RayJob from an index hold
@@ -181,6 +188,12 @@ class Reconciler:
         Kueue why a queued job waits."""
         ops, uid = OPS[body["kind"]], body["metadata"]["uid"]
         with self.lock(uid):
+            if rayjob is not None:
+                self.applied.pop(uid, None)
+            elif uid in self.applied and self.clock() - self.applied[uid][1] < APPLIED_SECONDS:
+                # Our own write coming back (the status) can beat the watch of the RayJob we just
+                # made: applying it again would cost a request, and undo Kueue's admission.
+                rayjob = self.applied[uid][0]
             previous = self.written.get(uid) or body.get("status")
             # The same inputs give the same status: most events (our own writes coming back, our
             # RayJob's echo) and most polls change nothing, and 1,000 jobs make many of them.
@@ -209,6 +222,8 @@ class Reconciler:
             if needs_apply(desired, rayjob) and not (hold and rayjob is None):
                 try:
                     rayjob, problem = self._apply(desired, rayjob, obj.metadata.uid, ops.kind)
+                    if rayjob is not None:
+                        self.applied[uid] = rayjob, self.clock()
                 except ApiException as err:
                     if not namespace_terminating(err):
                         raise
