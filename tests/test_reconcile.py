@@ -44,6 +44,7 @@ class Recording:
         self.pods: dict[tuple[str, str], client.V1Pod] = {}
         self.tokens: dict[str, tuple[str, str, str]] = {}  # token -> (namespace, pod, pod uid)
         self.workloads: list[dict] = []
+        self.refusals = 0  # Workload patches to refuse (403), as RBAC without patch would
         self.uids = {("FineTuneJob", "team-a", "sft"): UID, ("FineTuneJob", "team-a", "other"): "uid-of-other"}
 
     # Cache: what the operator's indexes hold
@@ -58,6 +59,9 @@ class Recording:
                                        _content_type=None, _preload_content=True):
         if plural == "workloads":  # a merge patch of Kueue's Workload
             self.calls.append(("patch", plural, name, body))
+            if self.refusals:
+                self.refusals -= 1
+                raise ApiException(status=403, reason="Forbidden")
             return next(w for w in self.workloads if w["metadata"]["name"] == name)["spec"].update(body["spec"])
         self.calls.append(("apply", plural, name, field_manager, force, _content_type))
         obj = self.rayjobs.setdefault((ns, name), {"status": {}})
@@ -378,6 +382,34 @@ def test_a_queued_job_the_user_suspends_has_its_workload_held_until_resumed(reco
     reconciler.reconcile(resumed, rayjob)
     assert patches()[1:] == [{"metadata": {"annotations": {"finetune.dev/suspended": None}}, "spec": {"active": True}}]
     assert workload["spec"]["active"] is True
+
+
+def test_the_hold_leaves_kueues_own_deactivation_and_catches_a_replaced_workload(reconciler, fake, tmp_path):
+    job = body(tmp_path, queueName="gpu")
+    reconciler.reconcile(job, None)
+    rayjob = copy.deepcopy(fake.rayjobs["team-a", "sft"])
+    kueues = {"metadata": {"name": "rayjob-sft-1", "namespace": "team-a"}, "spec": {"active": False}}  # e.g. its requeuing limit
+    fake.workloads = [kueues]
+
+    def generation(n: int, suspend: bool) -> dict:
+        doc = body(tmp_path, queueName="gpu", suspend=suspend)
+        doc["metadata"]["generation"] = n
+        return doc
+
+    reconciler.reconcile(generation(2, True), rayjob)
+    reconciler.reconcile(generation(3, False), rayjob)  # a suspend and resume leave Kueue's decision alone
+    reconciler.reconcile(generation(4, True), rayjob)
+    assert fake.count("patch") == 0 and kueues["spec"]["active"] is False
+    # Held, and Kueue replaced the Workload with an active one (it does when one that still holds
+    # quota stops matching the RayJob's pods) and admitted it: held too.
+    fake.workloads = [{"metadata": {"name": "rayjob-sft-2", "namespace": "team-a"}, "spec": {"active": True}}]
+    latest = copy.deepcopy(fake.rayjobs["team-a", "sft"])
+    running = {**latest, "spec": {**latest["spec"], "suspend": False}, "status": {"jobDeploymentStatus": "Running"}}
+    fake.refusals = 1  # refused once: the status is still written, and the next look tries again
+    assert reconciler.reconcile(generation(4, True), running)["observedGeneration"] == 4
+    assert fake.workloads[0]["spec"]["active"] is True
+    reconciler.reconcile(generation(4, True), running, check=True)
+    assert fake.workloads[0]["spec"]["active"] is False and fake.count("patch") == 2
 
 
 def test_a_finished_job_whose_rayjob_is_gone_is_not_trained_again(reconciler, fake, tmp_path):

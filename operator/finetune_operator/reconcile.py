@@ -172,7 +172,8 @@ class Reconciler:
 
     def rayjob_deleted(self, uid: str) -> None:
         """The object's RayJob is gone (our watch saw it deleted): no longer stood in for."""
-        self.applied.pop(uid, None)
+        with self.lock(uid):
+            self.applied.pop(uid, None)
 
     def lock(self, uid: str) -> threading.RLock:
         """One reconcile of an object at a time. Callers that read the RayJob from an index hold
@@ -190,10 +191,10 @@ class Reconciler:
         with self.lock(uid):
             if rayjob is not None:
                 self.applied.pop(uid, None)
-            elif uid in self.applied and self.clock() - self.applied[uid][1] < APPLIED_SECONDS:
+            elif (applied := self.applied.get(uid)) is not None and self.clock() - applied[1] < APPLIED_SECONDS:
                 # Our own write coming back (the status) can beat the watch of the RayJob we just
                 # made: applying it again would cost a request, and undo Kueue's admission.
-                rayjob = self.applied[uid][0]
+                rayjob = applied[0]
             previous = self.written.get(uid) or body.get("status")
             # The same inputs give the same status: most events (our own writes coming back, our
             # RayJob's echo) and most polls change nothing, and 1,000 jobs make many of them.
@@ -228,7 +229,10 @@ class Reconciler:
                     if not namespace_terminating(err):
                         raise
                     return previous  # the job goes with its namespace: nothing to create or say
-            if queue is not None and rayjob is not None and problem is None and self.held.get(uid) != hold:
+            # Held and yet unsuspended: Kueue admitted a Workload not deactivated (it replaces one that
+            # still holds quota when the RayJob's pods change; or one was deleted by hand).
+            if queue is not None and rayjob is not None and problem is None and (
+                    self.held.get(uid) != hold or hold and not (rayjob.get("spec") or {}).get("suspend")):
                 self._hold(uid, rayjob, hold)
             if check and problem is None:
                 self.queues[uid] = self._queue_message(rayjob) if queued(ops.suspend(obj), queue, rayjob) else None
@@ -275,13 +279,18 @@ class Reconciler:
         suspended gets no RayJob until it is resumed: Kueue never sees it.)"""
         workloads = self._workloads(rayjob)
         for w in workloads:
-            held = HELD in (w["metadata"].get("annotations") or {})
-            if hold != held:  # activate only what we deactivated (Kueue deactivates for reasons of its own)
-                self.custom.patch_namespaced_custom_object(
-                    KUEUE_GROUP, KUEUE_VERSION, w["metadata"]["namespace"], WORKLOADS, w["metadata"]["name"],
-                    {"metadata": {"annotations": {HELD: "true" if hold else None}}, "spec": {"active": not hold}},
-                    _content_type="application/merge-patch+json")
-                log.info("%s Kueue Workload %s/%s", "deactivated" if hold else "activated", w["metadata"]["namespace"], w["metadata"]["name"])
+            ns, name = w["metadata"]["namespace"], w["metadata"]["name"]
+            # Only an active one is held, and only one held by us let go: Kueue deactivates for reasons of its own.
+            if (w["spec"].get("active", True) if hold else HELD in (w["metadata"].get("annotations") or {})):
+                try:
+                    self.custom.patch_namespaced_custom_object(
+                        KUEUE_GROUP, KUEUE_VERSION, ns, WORKLOADS, name,
+                        {"metadata": {"annotations": {HELD: "true" if hold else None}}, "spec": {"active": not hold}},
+                        _content_type="application/merge-patch+json")
+                except ApiException as err:  # the status is still written; the next reconcile tries again
+                    log.warning("could not %s Kueue Workload %s/%s: %s", "deactivate" if hold else "activate", ns, name, err.reason)
+                    return
+                log.info("%s Kueue Workload %s/%s", "deactivated" if hold else "activated", ns, name)
         if workloads or not hold:  # Kueue makes the Workload after the RayJob: until then, looked for again
             self.held[uid] = hold
 
