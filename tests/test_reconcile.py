@@ -62,7 +62,11 @@ class Recording:
             if self.refusals:
                 self.refusals -= 1
                 raise ApiException(status=403, reason="Forbidden")
-            return next(w for w in self.workloads if w["metadata"]["name"] == name)["spec"].update(body["spec"])
+            workload = next(w for w in self.workloads if w["metadata"]["name"] == name)
+            annotations = {**workload["metadata"].get("annotations", {}), **body["metadata"]["annotations"]}
+            workload["metadata"]["annotations"] = {k: v for k, v in annotations.items() if v is not None}  # null deletes
+            workload["spec"].update(body["spec"])
+            return copy.deepcopy(workload)
         self.calls.append(("apply", plural, name, field_manager, force, _content_type))
         obj = self.rayjobs.setdefault((ns, name), {"status": {}})
         obj.update({k: copy.deepcopy(v) for k, v in body.items() if k != "status"})
@@ -377,11 +381,11 @@ def test_a_queued_job_the_user_suspends_has_its_workload_held_until_resumed(reco
     assert patches() == [{"metadata": {"annotations": {"finetune.dev/suspended": "true"}}, "spec": {"active": False}}]
     reconciler.reconcile(suspended, rayjob, check=True)  # held already: nothing more
     assert len(patches()) == 1
-    workload["metadata"]["annotations"] = {"finetune.dev/suspended": "true"}
+    assert workload["metadata"]["annotations"] == {"finetune.dev/suspended": "true"} and workload["spec"]["active"] is False
     resumed = {**job, "metadata": {**job["metadata"], "generation": 3}}
     reconciler.reconcile(resumed, rayjob)
     assert patches()[1:] == [{"metadata": {"annotations": {"finetune.dev/suspended": None}}, "spec": {"active": True}}]
-    assert workload["spec"]["active"] is True
+    assert workload["spec"]["active"] is True and workload["metadata"]["annotations"] == {}
 
 
 def test_the_hold_leaves_kueues_own_deactivation_and_catches_a_replaced_workload(reconciler, fake, tmp_path):
