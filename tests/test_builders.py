@@ -6,7 +6,7 @@ import pytest
 
 from conftest import TINY_LLAMA, job_doc
 from finetune_api.spec import SpecError, parse_job
-from finetune_operator.builders import DEFAULT_IMAGE, REPORT_TOKEN_DIR, RESTRICTED, Settings, build_rayjob, controller, needs_apply
+from finetune_operator.builders import DEFAULT_IMAGE, REPORT_TOKEN_DIR, RESTRICTED, Settings, as_applier, build_rayjob, controller, needs_apply
 
 pytestmark = pytest.mark.unit
 
@@ -135,6 +135,33 @@ def test_the_rayjob_is_applied_again_only_when_the_desired_spec_moved(tmp_path, 
     observed["status"] = {"jobDeploymentStatus": "Running"}
     assert needs_apply(rayjob(tmp_path, **change), observed) == moves
     assert needs_apply(applied, None)
+
+
+CREATED = {"manager": "us", "operation": "Update", "apiVersion": "ray.io/v1", "fieldsV1": {"f:metadata": {}, "f:spec": {"f:a": {}}}}
+APPLIED = {"manager": "us", "operation": "Apply", "apiVersion": "ray.io/v1", "fieldsV1": {"f:spec": {"f:b": {".": {}}}}}
+KUEUE = {"manager": "kueue", "operation": "Update", "fieldsV1": {"f:spec": {"f:suspend": {}}}}
+STATUS = {"manager": "us", "operation": "Update", "subresource": "status", "fieldsV1": {"f:status": {}}}
+
+
+@pytest.mark.parametrize(
+    "managed, patch",
+    [
+        ([], []),
+        ([APPLIED, KUEUE, STATUS], []),  # ours already as an applier's; a status entry is not the object's
+        ([KUEUE, CREATED], [{"op": "test", "path": "/metadata/managedFields/1", "value": CREATED},
+                            {"op": "replace", "path": "/metadata/managedFields/1/operation", "value": "Apply"}]),
+        # Applied before the create was folded (a create that met a RayJob made in the instant before):
+        # one entry owning both, the apply's entry kept in place (replaced before the remove shifts it).
+        ([APPLIED, KUEUE, CREATED], [
+            {"op": "test", "path": "/metadata/managedFields/2", "value": CREATED},
+            {"op": "test", "path": "/metadata/managedFields/0", "value": APPLIED},
+            {"op": "replace", "path": "/metadata/managedFields/0/fieldsV1",
+             "value": {"f:metadata": {}, "f:spec": {"f:a": {}, "f:b": {".": {}}}}},
+            {"op": "remove", "path": "/metadata/managedFields/2"}]),
+    ],
+)
+def test_the_fields_a_create_wrote_become_the_appliers(managed, patch):
+    assert as_applier(managed, "us") == patch
 
 
 def test_a_run_that_failed_for_good_is_not_retried(tmp_path):

@@ -359,7 +359,7 @@ def test_mutable_fields_reach_the_rayjob_and_retries_continue_the_same_run(contr
     starts a new one; a retry (KubeRay's Retrying, after it counted a failure against
     backoffLimit) starts attempt 2 on a new cluster with the same run name."""
     ns, name = KUBERAY_NAMESPACE, "lifecycle"
-    doc = job_doc(name, tmp_path, TINY_BERT, retries=2)
+    doc = job_doc(name, tmp_path, TINY_BERT, retries=2, podTemplate={"labels": {"team": "a"}})
     try:
         job = apply(controlplane, ns, doc)
         rj = rayjob_of(controlplane, ns, name)
@@ -368,6 +368,16 @@ def test_mutable_fields_reach_the_rayjob_and_retries_continue_the_same_run(contr
 
         kubectl(controlplane, "patch", "ftj", name, "-n", ns, "--type=merge", "-p", '{"spec":{"resources":{"nodes":3}}}')
         wait_for("3 worker replicas", lambda: rayjob_of(controlplane, ns, name)["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 3)
+        # A field the RayJob was created with and the spec stops asking for leaves it: the create's
+        # fields were made ours as an applier's before the first apply.
+        def head_labels():
+            return rayjob_of(controlplane, ns, name)["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["metadata"]["labels"]
+        assert head_labels()["team"] == "a"
+        kubectl(controlplane, "patch", "ftj", name, "-n", ns, "--type=merge", "-p", '{"spec":{"podTemplate":null}}')
+        wait_for("the pod label gone", lambda: "team" not in head_labels())
+        shown = json.loads(kubectl(controlplane, "get", "rayjob", name, "-n", ns, "-o", "json", "--show-managed-fields").stdout)
+        managers = [(m["manager"], m["operation"]) for m in shown["metadata"]["managedFields"]]
+        assert ("finetune-operator", "Apply") in managers and ("finetune-operator", "Update") not in managers
 
         kubectl(controlplane, "patch", "ftj", name, "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":true}}')
         until_status(controlplane, ns, name, "Suspended", lambda s: s.get("phase") == "Suspended" and s.get("reason") == "Suspended", 60)

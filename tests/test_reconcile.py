@@ -6,6 +6,7 @@ through kopf and a real apiserver."""
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from datetime import datetime, timezone
 from types import SimpleNamespace
@@ -17,7 +18,7 @@ from kubernetes.client.rest import ApiException
 from conftest import TINY_LLAMA, job_doc
 from finetune_operator.builders import SPEC_HASH, Settings, controller
 from finetune_operator.leader import ADDRESS, LeaderElector
-from finetune_operator.reconcile import FIELD_MANAGER, STALE_SECONDS, Apis, Cache, Reconciler, Rejected
+from finetune_operator.reconcile import FIELD_MANAGER, JSON_PATCH, STALE_SECONDS, Apis, Cache, Reconciler, Rejected, cached
 
 pytestmark = pytest.mark.unit
 
@@ -45,6 +46,7 @@ class Recording:
         self.tokens: dict[str, tuple[str, str, str]] = {}  # token -> (namespace, pod, pod uid)
         self.workloads: list[dict] = []
         self.refusals = 0  # Workload patches to refuse (403), as RBAC without patch would
+        self.reads: list[dict] = []  # what GETs answer before the RayJob as it is (a read older than a write)
         self.uids = {("FineTuneJob", "team-a", "sft"): UID, ("FineTuneJob", "team-a", "other"): "uid-of-other"}
 
     # Cache: what the operator's indexes hold
@@ -67,10 +69,40 @@ class Recording:
             workload["metadata"]["annotations"] = {k: v for k, v in annotations.items() if v is not None}  # null deletes
             workload["spec"].update(body["spec"])
             return copy.deepcopy(workload)
+        if _content_type == JSON_PATCH:  # test, replace and remove ops, on managedFields
+            self.calls.append(("fold", plural, name, field_manager))
+            obj = self.rayjobs[ns, name]
+            for op in body:
+                *path, last = [int(p) if p.isdigit() else p for p in op["path"].split("/")[1:]]
+                parent = functools.reduce(lambda node, p: node[p], path, obj)
+                if op["op"] == "test" and parent[last] != op["value"]:
+                    raise ApiException(status=422, reason="Unprocessable Entity")
+                if op["op"] == "replace":
+                    parent[last] = copy.deepcopy(op["value"])
+                if op["op"] == "remove":
+                    del parent[last]
+            return copy.deepcopy(obj)
         self.calls.append(("apply", plural, name, field_manager, force, _content_type))
         obj = self.rayjobs.setdefault((ns, name), {"status": {}})
+        mine = {"manager": field_manager, "operation": "Apply", "fieldsV1": {"f:spec": {}}}
+        managed = [e for e in obj.get("metadata", {}).get("managedFields", []) if e["operation"] != "Apply"]
+        return self._store(obj, body, [mine, *managed])
+
+    def get_namespaced_custom_object(self, group, version, ns, plural, name):
+        self.calls.append(("get", plural, name))
+        return self.reads.pop(0) if self.reads else copy.deepcopy(self.rayjobs[ns, name])
+
+    def create_namespaced_custom_object(self, group, version, ns, plural, body, field_manager=None, _preload_content=True):
+        name = body["metadata"]["name"]
+        self.calls.append(("create", plural, name, field_manager))
+        if (ns, name) in self.rayjobs:
+            raise ApiException(status=409, reason="Conflict")
+        return self._store(self.rayjobs.setdefault((ns, name), {"status": {}}), body,
+                           [{"manager": field_manager, "operation": "Update", "fieldsV1": {"f:metadata": {}, "f:spec": {}}}])
+
+    def _store(self, obj: dict, body: dict, managed: list[dict]):
         obj.update({k: copy.deepcopy(v) for k, v in body.items() if k != "status"})
-        obj["metadata"]["uid"] = f"uid-of-{name}"  # the apiserver's
+        obj["metadata"].update(uid=f"uid-of-{obj['metadata']['name']}", managedFields=managed)  # the apiserver's
         return SimpleNamespace(data=json.dumps(obj).encode())  # the raw response
 
     def patch_namespaced_custom_object_status(self, group, version, ns, plural, name, body, field_manager=None, force=None,
@@ -101,8 +133,12 @@ class Recording:
         return client.V1TokenReview(spec=review.spec, status=client.V1TokenReviewStatus(
             authenticated=True, audiences=["finetune-operator"], user=user))
 
-    def count(self, what: str) -> int:
-        return sum(c[0] == what for c in self.calls)
+    def watched(self, ns: str = "team-a", name: str = "sft") -> dict:
+        """The RayJob as the operator's watch holds it."""
+        return cached(copy.deepcopy(self.rayjobs[ns, name]))
+
+    def count(self, *what: str) -> int:
+        return sum(c[0] in what for c in self.calls)
 
 
 @pytest.fixture
@@ -139,9 +175,8 @@ def body(tmp_path, **spec) -> dict:
 
 def kuberay(fake: Recording, **status) -> dict:
     """The RayJob as the watch delivers it after KubeRay wrote its status."""
-    rj = fake.rayjobs["team-a", "sft"]
-    rj["status"] = {"rayClusterName": "sft-raycluster-abcde", **status}
-    return copy.deepcopy(rj)
+    fake.rayjobs["team-a", "sft"]["status"] = {"rayClusterName": "sft-raycluster-abcde", **status}
+    return fake.watched()
 
 
 def head_pod(fake: Recording, job: str = "sft", cluster: str = "sft-raycluster-abcde", name: str = "sft-head", token: str = TOKEN) -> None:
@@ -155,24 +190,46 @@ def report(step: int, updated: float, **extra) -> dict:
     return {"kind": "FineTuneJob", "namespace": "team-a", "name": "sft", "uid": UID, "progress": progress}
 
 
-def test_a_new_job_gets_its_rayjob_applied_once_and_one_status_per_change(reconciler, fake, events, tmp_path):
+def test_a_new_job_gets_its_rayjob_created_once_and_one_status_per_change(reconciler, fake, events, tmp_path):
     job = body(tmp_path)
     status = reconciler.reconcile(job, None)
-    (apply,) = [c for c in fake.calls if c[0] == "apply"]
-    assert apply == ("apply", "rayjobs", "sft", FIELD_MANAGER, True, "application/apply-patch+yaml")
+    assert [c for c in fake.calls if c[0] != "status"] == [("create", "rayjobs", "sft", FIELD_MANAGER)]
     assert status["phase"] == "Initializing" and fake.count("status") == 1 and events == [("Normal", "Initializing")]
-    rayjob = copy.deepcopy(fake.rayjobs["team-a", "sft"])
+    rayjob = fake.watched()
     assert SPEC_HASH in rayjob["metadata"]["annotations"]
     # The same again (the watch delivering what was just written): nothing to apply, nothing to write.
     reconciler.reconcile({**job, "status": status}, rayjob)
-    assert fake.count("apply") == 1 and fake.count("status") == 1 and len(events) == 1
+    assert fake.count("create", "apply") == 1 and fake.count("status") == 1 and len(events) == 1
     # KubeRay moves the RayJob on: one status write and one Event, still no apply.
     reconciler.reconcile(job, kuberay(fake, jobDeploymentStatus="Running", jobStatus="RUNNING"))
-    assert fake.count("apply") == 1 and fake.count("status") == 2 and events[-1] == ("Normal", "Training")
-    # A spec change moves the hash: applied again.
+    assert fake.count("create", "apply") == 1 and fake.count("status") == 2 and events[-1] == ("Normal", "Training")
+    # A spec change moves the hash: applied, once the create's fields are the applier's (else an
+    # apply that leaves a field out would not remove it).
     reconciler.reconcile(body(tmp_path, resources={"nodes": 3}), kuberay(fake, jobDeploymentStatus="Running"))
-    assert fake.count("apply") == 2
-    assert fake.rayjobs["team-a", "sft"]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 3
+    assert [c[0] for c in fake.calls if c[0] != "status"] == ["create", "get", "fold", "apply"]
+    assert ("apply", "rayjobs", "sft", FIELD_MANAGER, True, "application/apply-patch+yaml") in fake.calls
+    rayjob = fake.rayjobs["team-a", "sft"]
+    assert rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 3
+    assert [(e["manager"], e["operation"]) for e in rayjob["metadata"]["managedFields"]] == [(FIELD_MANAGER, "Apply")]
+    resized = body(tmp_path, resources={"nodes": 4})
+    resized["metadata"]["generation"] = 2
+    reconciler.reconcile(resized, kuberay(fake, jobDeploymentStatus="Running"))
+    assert [c[0] for c in fake.calls if c[0] != "status"] == ["create", "get", "fold", "apply", "get", "apply"]
+
+
+def test_a_write_between_the_folds_read_and_its_patch_is_read_again(reconciler, fake, tmp_path):
+    """KubeRay writes its status all the time: a write that moved the managedFields entries since
+    our read fails the fold's test ops (422), and the fold is made from a second read."""
+    reconciler.reconcile(body(tmp_path), None)
+    live = fake.rayjobs["team-a", "sft"]
+    fake.reads = [copy.deepcopy(live)]  # our read, and then KubeRay's write
+    live["metadata"]["managedFields"].insert(0, {"manager": "kuberay-operator", "operation": "Update", "fieldsV1": {"f:status": {}}})
+    changed = body(tmp_path, resources={"nodes": 3})
+    changed["metadata"]["generation"] = 2
+    reconciler.reconcile(changed, kuberay(fake, jobDeploymentStatus="Running"))
+    assert [c[0] for c in fake.calls if c[0] != "status"] == ["create", "get", "fold", "get", "fold", "apply"]
+    assert [(e["manager"], e["operation"]) for e in live["metadata"]["managedFields"]] == [
+        (FIELD_MANAGER, "Apply"), ("kuberay-operator", "Update")]
 
 
 def test_our_status_coming_back_before_the_rayjob_applies_nothing_again(reconciler, fake, clock, tmp_path):
@@ -182,13 +239,13 @@ def test_our_status_coming_back_before_the_rayjob_applies_nothing_again(reconcil
     job = body(tmp_path)
     status = reconciler.reconcile(job, None)
     assert reconciler.reconcile({**job, "status": status}, None) == status
-    assert fake.count("apply") == 1
+    assert fake.count("create", "apply") == 1
     reconciler.rayjob_deleted(UID)  # deleted by someone: made again
     reconciler.reconcile({**job, "status": status}, None)
-    assert fake.count("apply") == 2
+    assert fake.count("create", "apply") == 2
     clock.now += 31  # a RayJob the watch never showed is not stood in for long
     reconciler.reconcile({**job, "status": status}, None, check=True)
-    assert fake.count("apply") == 3
+    assert fake.count("create", "apply") == 3
 
 
 def test_events_and_polls_that_bring_nothing_new_build_nothing(reconciler, fake, tmp_path, monkeypatch):
@@ -200,10 +257,10 @@ def test_events_and_polls_that_bring_nothing_new_build_nothing(reconciler, fake,
     monkeypatch.setitem(reconcile.OPS, "FineTuneJob", ops._replace(status=lambda *args: built.append(args) or ops.status(*args)))
     job = body(tmp_path)
     status = reconciler.reconcile(job, None)
-    echo = copy.deepcopy(fake.rayjobs["team-a", "sft"])  # the watch delivering our apply
+    echo = fake.watched()  # the watch delivering our apply
     for _ in range(3):
         assert reconciler.reconcile({**job, "status": status}, copy.deepcopy(echo), check=True) == status
-    assert len(built) == 1 and fake.count("apply") == 1
+    assert len(built) == 1 and fake.count("create", "apply") == 1
     reconciler.reconcile(job, kuberay(fake, jobDeploymentStatus="Initializing"))  # KubeRay's word is new
     assert len(built) == 2
 
@@ -211,12 +268,12 @@ def test_events_and_polls_that_bring_nothing_new_build_nothing(reconciler, fake,
 def test_a_rayjob_of_the_same_name_that_is_not_ours_is_left_alone(reconciler, fake, tmp_path):
     fake.rayjobs["team-a", "sft"] = {"metadata": {"name": "sft", "namespace": "team-a", "ownerReferences": []}, "spec": {}}
     status = reconciler.reconcile(body(tmp_path), None)
-    assert fake.count("apply") == 0
+    assert fake.count("create", "apply") == 0
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "False" and ready["reason"] == "RayJobNameTaken"
     del fake.rayjobs["team-a", "sft"]  # theirs deleted: the next look (a poll, nothing else changed) makes ours
     status = reconciler.reconcile({**body(tmp_path), "status": status}, None, check=True)
-    assert fake.count("apply") == 1 and status["rayJobName"] == "sft"
+    assert fake.count("create", "apply") == 1 and status["rayJobName"] == "sft"
 
 
 def test_a_job_in_a_namespace_being_deleted_creates_nothing_and_raises_nothing(reconciler, fake, tmp_path):
@@ -228,9 +285,9 @@ def test_a_job_in_a_namespace_being_deleted_creates_nothing_and_raises_nothing(r
             raise err
         return patch
 
-    fake.patch_namespaced_custom_object = refuse({"details": {"causes": [{"reason": "NamespaceTerminating"}]}})
+    fake.create_namespaced_custom_object = refuse({"details": {"causes": [{"reason": "NamespaceTerminating"}]}})
     assert reconciler.reconcile(body(tmp_path), None) is None and fake.statuses == []
-    fake.patch_namespaced_custom_object = refuse(None)  # refused by RBAC: the operator's own fault, raised
+    fake.create_namespaced_custom_object = refuse(None)  # refused by RBAC: the operator's own fault, raised
     with pytest.raises(ApiException):
         reconciler.reconcile(body(tmp_path), None)
 
@@ -311,9 +368,9 @@ def test_a_finished_jobs_status_survives_an_operator_restart(reconciler, fake, e
     failed = kuberay(fake, jobDeploymentStatus="Failed", jobStatus="FAILED", reason="AppFailed", message="exit code 1", failed=1)
     status = reconciler.reconcile({**job, "status": status}, failed)
     assert (status["reason"], status["attempts"]) == ("InvalidInput", 1)
-    applies, posted = fake.count("apply"), len(events)
+    applies, posted = fake.count("create", "apply"), len(events)
     assert new_reconciler(fake, clock, events).reconcile({**job, "status": status}, failed) == status
-    assert fake.count("apply") == applies and len(events) == posted and fake.rayjobs["team-a", "sft"]["spec"]["backoffLimit"] == 0
+    assert fake.count("create", "apply") == applies and len(events) == posted and fake.rayjobs["team-a", "sft"]["spec"]["backoffLimit"] == 0
 
 
 def test_a_run_that_stops_reporting_shows_it(reconciler, fake, clock, tmp_path):
@@ -350,7 +407,7 @@ def test_a_queued_job_says_why_kueue_waits(reconciler, fake, tmp_path):
     fake.workloads = [{"metadata": {"name": "rayjob-sft-1a2b3", "namespace": "team-a"}, "spec": {"active": True},
                        "status": {"conditions": [{"type": "QuotaReserved", "status": "False",
                                                   "message": "couldn't assign flavors to pod set workers: insufficient unused quota"}]}}]
-    rayjob = copy.deepcopy(fake.rayjobs["team-a", "sft"])
+    rayjob = fake.watched()
     rayjob["metadata"]["uid"] = "rj-uid"
     status = reconciler.reconcile(job, rayjob, check=True)
     assert (status["phase"], status["reason"]) == ("Suspended", "Queued") and "insufficient unused quota" in status["message"]
@@ -361,10 +418,10 @@ def test_a_queued_job_the_user_suspends_has_its_workload_held_until_resumed(reco
     """Kueue unsuspends what it admitted: a user's suspend holds through the Workload's spec.active
     (the control-plane tier runs this against the real Kueue, test_kueue.py)."""
     created_suspended = reconciler.reconcile(body(tmp_path, queueName="gpu", suspend=True), None)
-    assert created_suspended["phase"] == "Suspended" and fake.count("apply") == 0  # no RayJob for Kueue to admit
+    assert created_suspended["phase"] == "Suspended" and fake.count("create", "apply") == 0  # no RayJob for Kueue to admit
     job = body(tmp_path, queueName="gpu")
     reconciler.reconcile(job, None)
-    rayjob = copy.deepcopy(fake.rayjobs["team-a", "sft"])
+    rayjob = fake.watched()
     rayjob["metadata"]["uid"] = "rj-uid"
     running = {**rayjob, "spec": {**rayjob["spec"], "suspend": False}}  # admitted: Kueue unsuspended it
     reconciler.reconcile(job, running)  # no Workload yet: nothing to do
@@ -391,7 +448,7 @@ def test_a_queued_job_the_user_suspends_has_its_workload_held_until_resumed(reco
 def test_the_hold_leaves_kueues_own_deactivation_and_catches_a_replaced_workload(reconciler, fake, tmp_path):
     job = body(tmp_path, queueName="gpu")
     reconciler.reconcile(job, None)
-    rayjob = copy.deepcopy(fake.rayjobs["team-a", "sft"])
+    rayjob = fake.watched()
     kueues = {"metadata": {"name": "rayjob-sft-1", "namespace": "team-a"}, "spec": {"active": False}}  # e.g. its requeuing limit
     fake.workloads = [kueues]
 
@@ -407,7 +464,7 @@ def test_the_hold_leaves_kueues_own_deactivation_and_catches_a_replaced_workload
     # Held, and Kueue replaced the Workload with an active one (it does when one that still holds
     # quota stops matching the RayJob's pods) and admitted it: held too.
     fake.workloads = [{"metadata": {"name": "rayjob-sft-2", "namespace": "team-a"}, "spec": {"active": True}}]
-    latest = copy.deepcopy(fake.rayjobs["team-a", "sft"])
+    latest = fake.watched()
     running = {**latest, "spec": {**latest["spec"], "suspend": False}, "status": {"jobDeploymentStatus": "Running"}}
     fake.refusals = 1  # refused once: the status is still written, and the next look tries again
     assert reconciler.reconcile(generation(4, True), running)["observedGeneration"] == 4
@@ -421,9 +478,9 @@ def test_a_finished_job_whose_rayjob_is_gone_is_not_trained_again(reconciler, fa
     reconciler.reconcile(job, None)
     done = reconciler.reconcile(job, kuberay(fake, jobDeploymentStatus="Complete", jobStatus="SUCCEEDED"))
     assert done["phase"] == "Succeeded"
-    applied = fake.count("apply")
+    applied = fake.count("create", "apply")
     reconciler.reconcile({**job, "status": done}, None)
-    assert fake.count("apply") == applied
+    assert fake.count("create", "apply") == applied
 
 
 # ---- the Lease

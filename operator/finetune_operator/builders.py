@@ -230,6 +230,29 @@ def needs_apply(desired: dict, observed: dict | None) -> bool:
     return annotations.get(SPEC_HASH) != desired["metadata"]["annotations"][SPEC_HASH]
 
 
+def as_applier(managed: list[dict], manager: str) -> list[dict]:
+    """A JSON patch that makes the fields `manager` wrote with a create (managedFields records a
+    POST as an Update) its fields as an applier's, as kubectl's csaupgrade does: only then does
+    an apply that leaves a field out remove it. Empty when there is nothing to fold. The test
+    ops make it fail rather than fold entries it did not see."""
+    ours = {e.get("operation"): (i, e) for i, e in enumerate(managed) if e.get("manager") == manager and not e.get("subresource")}
+    if "Update" not in ours:
+        return []
+    i, created = ours["Update"]
+    test = [{"op": "test", "path": f"/metadata/managedFields/{i}", "value": created}]
+    if "Apply" not in ours:
+        return [*test, {"op": "replace", "path": f"/metadata/managedFields/{i}/operation", "value": "Apply"}]
+    j, applied = ours["Apply"]
+    return [*test, {"op": "test", "path": f"/metadata/managedFields/{j}", "value": applied},
+            {"op": "replace", "path": f"/metadata/managedFields/{j}/fieldsV1", "value": _union(applied.get("fieldsV1", {}), created.get("fieldsV1", {}))},
+            {"op": "remove", "path": f"/metadata/managedFields/{i}"}]
+
+
+def _union(a: dict, b: dict) -> dict:
+    """Two field sets in managedFields' fieldsV1 form (a trie of nested dicts) as one."""
+    return {k: _union(a.get(k, {}), b.get(k, {})) for k in a.keys() | b.keys()}
+
+
 def controller(obj: dict) -> str:
     """The uid of the object's controller ('' when it has none)."""
     return next((ref["uid"] for ref in obj["metadata"].get("ownerReferences") or [] if ref.get("controller")), "")
