@@ -8,6 +8,8 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import threading
+import time
 from datetime import datetime, timezone
 from types import SimpleNamespace
 
@@ -290,6 +292,29 @@ def test_a_job_in_a_namespace_being_deleted_creates_nothing_and_raises_nothing(r
     fake.create_namespaced_custom_object = refuse(None)  # refused by RBAC: the operator's own fault, raised
     with pytest.raises(ApiException):
         reconciler.reconcile(body(tmp_path), None)
+
+
+def test_a_deleted_job_is_forgotten_after_the_reconcile_running_for_it(reconciler, fake, tmp_path):
+    """kopf's DELETED event can come while a reconcile (a report's, the poll's) runs for the job:
+    what that reconcile memoizes after the forget would be kept for good."""
+    reconciler.reconcile(body(tmp_path), None)
+    held, written = threading.Event(), threading.Event()
+
+    def running_reconcile():
+        with reconciler.lock(UID):
+            held.set()
+            time.sleep(0.2)  # the forget comes meanwhile
+            reconciler.inputs[UID] = reconciler.inputs[UID]
+            written.set()
+
+    worker = threading.Thread(target=running_reconcile)
+    worker.start()
+    held.wait(5)
+    reconciler.forget(UID)
+    assert written.is_set()  # it waited for the reconcile
+    worker.join()
+    memos = (reconciler.inputs, reconciler.written, reconciler.keys, reconciler.applied, reconciler.reports, reconciler._locks)
+    assert not any(UID in memo for memo in memos)
 
 
 def test_a_report_reaches_the_status_and_only_from_the_jobs_own_pods(reconciler, fake, tmp_path):

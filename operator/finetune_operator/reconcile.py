@@ -167,9 +167,12 @@ class Reconciler:
         self.applied: dict[str, tuple[dict, float]] = {}  # uid -> (its RayJob as our apply returned it, when)
 
     def forget(self, uid: str) -> None:
-        """The object is gone."""
-        for memo in (self.reports, self.written, self.keys, self.queues, self.held, self._locks, self.inputs, self.applied):
-            memo.pop(uid, None)
+        """The object is gone (and out of kopf's index). Under its lock: a reconcile or report
+        running meanwhile would put back what is dropped here, kept for good."""
+        with self.lock(uid):
+            for memo in (self.reports, self.written, self.keys, self.queues, self.held, self.inputs, self.applied):
+                memo.pop(uid, None)
+            self._locks.pop(uid, None)
 
     def rayjob_deleted(self, uid: str) -> None:
         """The object's RayJob is gone (our watch saw it deleted): no longer stood in for."""
@@ -374,9 +377,14 @@ class Reconciler:
         who = self._identity(token)
         if who.namespace != ns or who.labels.get(KINDS[kind].label) != name:
             raise Rejected(403, f"pod {who.namespace}/{who.pod} does not run {kind} {ns}/{name}")
-        if self.cache.uid((kind, ns, name)) != uid:  # reports are kept by uid: only the named object's own
-            raise Rejected(403, f"uid {uid} is not that of {kind} {ns}/{name} (deleted and made again?)")
+
+        def check_uid():  # reports are kept by uid: only the named object's own
+            if self.cache.uid((kind, ns, name)) != uid:
+                raise Rejected(403, f"uid {uid} is not that of {kind} {ns}/{name} (deleted and made again?)")
+
+        check_uid()  # before a lock is made for it
         with self.lock(uid):
+            check_uid()  # and again: deleted (forgotten) while this waited for the lock
             last = self.reports.get(uid)
             keep = progress is None or (last is not None and last.progress is not None and last.progress.updated > progress.updated)
             # A report replaced before a reconcile used it is used with its successor: one whose
