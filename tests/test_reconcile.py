@@ -88,13 +88,13 @@ class Recording:
         obj = self.rayjobs.setdefault((ns, name), {"status": {}})
         mine = {"manager": field_manager, "operation": "Apply", "fieldsV1": {"f:spec": {}}}
         managed = [e for e in obj.get("metadata", {}).get("managedFields", []) if e["operation"] != "Apply"]
-        return self._store(obj, body, [mine, *managed])
+        return SimpleNamespace(data=json.dumps(self._store(obj, body, [mine, *managed])).encode())  # the raw response
 
     def get_namespaced_custom_object(self, group, version, ns, plural, name):
         self.calls.append(("get", plural, name))
         return self.reads.pop(0) if self.reads else copy.deepcopy(self.rayjobs[ns, name])
 
-    def create_namespaced_custom_object(self, group, version, ns, plural, body, field_manager=None, _preload_content=True):
+    def create_namespaced_custom_object(self, group, version, ns, plural, body, field_manager=None):
         name = body["metadata"]["name"]
         self.calls.append(("create", plural, name, field_manager))
         if (ns, name) in self.rayjobs:
@@ -105,7 +105,7 @@ class Recording:
     def _store(self, obj: dict, body: dict, managed: list[dict]):
         obj.update({k: copy.deepcopy(v) for k, v in body.items() if k != "status"})
         obj["metadata"].update(uid=f"uid-of-{obj['metadata']['name']}", managedFields=managed)  # the apiserver's
-        return SimpleNamespace(data=json.dumps(obj).encode())  # the raw response
+        return copy.deepcopy(obj)
 
     def patch_namespaced_custom_object_status(self, group, version, ns, plural, name, body, field_manager=None, force=None,
                                               _content_type=None, _preload_content=True):

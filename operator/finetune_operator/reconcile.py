@@ -1,7 +1,7 @@
 """The operator's one I/O layer, without kopf: kopf's handlers hand it the object and its
-RayJob from their indexes, and it creates the RayJob and changes it by server-side apply (one field manager),
-writes the status when it changed (server-side apply on the status subresource) and posts an
-Event per transition. Runs push their progress (finetune_train/progress.py); `receive` checks
+RayJob from their indexes, and it creates the RayJob and changes it by server-side apply (one
+field manager), writes the status when it changed (server-side apply on the status
+subresource) and posts an Event per transition. Runs push their progress (finetune_train/progress.py); `receive` checks
 who sent it (TokenReview of the pod's projected token) and keeps the latest per job.
 
 The operator reads no Secret and no bucket: a missing Secret shows in the pods' status, and
@@ -253,10 +253,11 @@ class Reconciler:
     def _apply(self, desired: dict, observed: dict | None, uid: str, kind: Kind) -> tuple[dict | None, Problem | None]:
         """A new RayJob is created; a change to it is a server-side apply, after the fields the
         create wrote are made ours as an applier's. A RayJob of that name that is not the
-        object's (no controller reference to it) is left alone and named in the status. Whether the name is free is
-        asked of the watch, not the apiserver: a GET per new job cost the apply as long again
-        at 1,000 jobs (bench/operator_latency.py); a RayJob made in the instant before ours
-        would be taken over, as by any controller that acts on its cache."""
+        object's (no controller reference to it) is left alone and named in the status.
+        Whether the name is free is asked of the watch, not the apiserver: a GET per new job
+        cost the apply as long again at 1,000 jobs (bench/operator_latency.py); a RayJob made
+        in the instant before ours would be taken over, as by any controller that acts on its
+        cache."""
         ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
         owner = controller(observed) if observed is not None else self.cache.rayjob_owner(ns, name)
         if owner not in (None, uid):
@@ -265,9 +266,9 @@ class Reconciler:
         args = RAY_GROUP, RAY_VERSION, ns, RAYJOBS
         if owner is None:
             try:  # a create costs the apiserver half an apply of the RayJob's schema (bench/operator_latency.py)
-                created = self.custom.create_namespaced_custom_object(*args, desired, field_manager=FIELD_MANAGER, _preload_content=False)
+                created = self.custom.create_namespaced_custom_object(*args, desired, field_manager=FIELD_MANAGER)
                 log.info("created RayJob %s/%s", ns, name)
-                return cached(json.loads(created.data)), None
+                return cached(created), None
             except ApiException as err:
                 if err.status != 409:
                     raise
