@@ -10,7 +10,7 @@ import torch
 from conftest import TINY_BERT, TINY_LLAMA, free_port, job_doc, make_job
 from finetune_api.status import Progress
 from finetune_train import launch
-from finetune_train.storage import paths_for
+from finetune_train.storage import CACHE, paths_for
 from finetune_train.modeling import (
     DS_TAG,
     checkpoint_weights,
@@ -256,15 +256,17 @@ def test_lora_with_gradient_checkpointing_on_a_sharded_zero3_model(ray_local, tm
     AutoModelForCausalLM.from_pretrained(Path(paths.output, "model"))  # merged, loads
 
 
-def test_a_zero0_run_preempted_on_2_workers_finishes_on_1(ray_local, tmp_path):
-    """resources changed while suspended: the ZeRO-0 checkpoint (optimizer state not
-    partitioned) continues on 1 worker, at the step it stopped, to the same step count."""
+@pytest.mark.parametrize("stage, before, after", [(0, 2, 1), (2, 2, 1), (3, 1, 2)])
+def test_a_run_preempted_on_one_number_of_workers_finishes_on_another(ray_local, tmp_path, stage, before, after):
+    """resources changed while suspended: the checkpoint continues on the other number of
+    workers (ZeRO 1-3 through DeepSpeed's universal format), at the step it stopped, to the
+    same step count, its loss going on from where it was."""
     import threading
     import time
 
     from finetune_train import preempt
 
-    job = make_job("resize", tmp_path, TINY_LLAMA, deepspeed={"zeroStage": 0}, training={"maxSteps": 12, "logEvery": 1})
+    job = make_job("resize", tmp_path, TINY_LLAMA, deepspeed={"zeroStage": stage}, training={"maxSteps": 12, "logEvery": 1})
     paths = paths_for(job)
 
     def preempt_at_step_4():
@@ -278,11 +280,14 @@ def test_a_zero0_run_preempted_on_2_workers_finishes_on_1(ray_local, tmp_path):
 
     watcher = threading.Thread(target=preempt_at_step_4)
     watcher.start()
-    first = launch.run(job, paths)
+    first = launch.run(job, paths, workers=before)
     watcher.join()
     assert first.state == "Preempted" and first.step >= 4, first
-    second = launch.run(job, paths, workers=1)
+    second = launch.run(job, paths, workers=after)
     assert second.state == "Succeeded" and second.step == 12, second.error
     assert second.resumes[-1].step == first.step
     metrics = json.loads(Path(paths.output, "metrics.json").read_text())
     assert [p["step"] for p in metrics["train"]] == list(range(1, 13))  # every step once, before and after the resize
+    losses = [p["train_loss"] for p in metrics["train"]]
+    assert max(losses[first.step:]) < losses[first.step - 1], losses  # the trained weights went on, not fresh ones
+    assert not [p for p in (CACHE / "universal").glob("*") if p.is_dir()]  # the converted copy is removed after loading

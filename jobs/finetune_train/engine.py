@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
+import hashlib
+import io
 import math
 import os
 import shutil
+from argparse import Namespace
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from finetune_api.spec import FineTuneJobSpec
-from finetune_train.modeling import Layout, unfrozen_blocks
+from finetune_train.modeling import DS_TAG, Layout, unfrozen_blocks
+from finetune_train.storage import CACHE, build_once
 
 
 def precision(spec: FineTuneJobSpec) -> str:
@@ -120,3 +128,35 @@ def skip_shm_kernels(local_world: int, world: int) -> None:
         import deepspeed.ops
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def load_checkpoint(engine, folder: str, uri: str, local_rank: int, **kwargs) -> dict:
+    """Loads the DeepSpeed checkpoint in `folder` (stored at `uri`) into the engine; returns
+    its client state. ZeRO 1-3 partition the optimizer state (ZeRO-3 the weights too) by
+    worker, so a checkpoint written by another number of workers (resources changed while
+    suspended, a retry of another size) is read through DeepSpeed's universal format, which
+    holds each parameter and its optimizer state whole. The conversion is written once per node
+    into the cache, never over the stored checkpoint, and removed once every rank has loaded."""
+    written = len(glob.glob(os.path.join(folder, DS_TAG, "*optim_states.pt")))
+    if engine.zero_optimization_stage() == 0 or written == engine.dp_world_size:
+        return engine.load_checkpoint(folder, tag=DS_TAG, **kwargs)[1]
+    out = CACHE / "universal" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    build_once(out, lambda tmp: _universal(Path(folder, DS_TAG), tmp / DS_TAG))
+    engine._config.load_universal_checkpoint = True  # read at each load: only this one is universal
+    try:
+        client = engine.load_checkpoint(str(out), tag=DS_TAG, **kwargs)[1]
+    finally:
+        engine._config.load_universal_checkpoint = False
+    dist.barrier()
+    if local_rank == 0:
+        shutil.rmtree(out, ignore_errors=True)
+    return client
+
+
+def _universal(tag_folder: Path, out: Path) -> None:
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = Namespace(input_folder=str(tag_folder), output_folder=str(out), num_extract_workers=1, num_merge_workers=1,
+                     keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress lines
+        ds_to_universal.main(args)

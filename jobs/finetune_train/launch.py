@@ -108,9 +108,11 @@ def check_same_run(job: FineTuneJob, paths: RunPaths, workers: int | None = None
     method would mix two trainings in one checkpoint history. Data files count by content, so
     the same data under another path (a second clone of the repository) is the same run.
 
-    The number of workers may change (resources is mutable), except where the checkpoints
-    depend on it: ZeRO 1-3 partition the optimizer state by worker, and a step of an epoch is
-    a share of it by worker. A resume that could only be wrong is refused, naming spec.resources."""
+    The number of workers may change (resources is mutable): ZeRO 1-3 checkpoints are read
+    through DeepSpeed's universal format then (engine.load_checkpoint). Not with
+    training.epochs: a step is a share of an epoch that depends on the workers, so the step
+    reached, the LR schedule and the steps left would not agree. That resume is refused,
+    naming spec.resources."""
     spec = dump_spec(job.spec)
     named = {k: spec[k] for k in job.spec.immutable if k != "storage" and k in spec}
     identity = json.loads(json.dumps(named))
@@ -126,17 +128,13 @@ def check_same_run(job: FineTuneJob, paths: RunPaths, workers: int | None = None
             f"{paths.run} holds run {paths.name} of a different spec (changed: {', '.join(changed)}); "
             f"use another metadata.name, or restart the run (finetune run --restart) to discard its checkpoints"
         )
-    stage = job.spec.deepspeed.zero_stage
     checkpointed = (read_progress(paths.store, paths.progress) or Progress()).latest_checkpoint
-    if layout and layout["workers"] != workers and checkpointed and (stage > 0 or not job.spec.training.max_steps):
-        # ZeRO-0 with training.epochs: a step is a share of an epoch that depends on the workers,
-        # so the step reached, the LR schedule and the steps left would not agree.
-        why = (f"ZeRO-{stage} partitions the optimizer state by worker" if stage > 0 else
-               "the steps of an epoch depend on the workers (training.maxSteps fixes the steps: then ZeRO-0 can resize)")
+    if layout and layout["workers"] != workers and checkpointed and not job.spec.training.max_steps:
         raise RunMismatch(
-            f"spec.resources: the checkpoints of run {paths.name} were written by {layout['workers']} workers, and {why}, "
-            f"so {workers} workers cannot continue them; give the job {layout['workers']} workers (nodes × gpusPerNode, or "
-            f"× workersPerNode on CPU) or restart the run (--restart)"
+            f"spec.resources: the checkpoints of run {paths.name} were written by {layout['workers']} workers, and the steps "
+            f"of an epoch depend on the workers (training.maxSteps fixes the steps: then a run can resize), so {workers} "
+            f"workers cannot continue them; give the job {layout['workers']} workers (nodes × gpusPerNode, or × workersPerNode "
+            f"on CPU) or restart the run (--restart)"
         )
     paths.store.write_json(join(paths.run, SPEC), {**identity, LAYOUT: {"workers": workers}})
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from finetune_api.spec import FineTuneJobSpec, PreferenceSpec
 from finetune_train.data import Collator, ShardedBatches, eval_batches, load_splits, model_inputs, token_table
-from finetune_train.engine import deepspeed_config, optimizer, param_groups, schedule, skip_shm_kernels
+from finetune_train.engine import deepspeed_config, load_checkpoint, optimizer, param_groups, schedule, skip_shm_kernels
 from finetune_train.evaluate import evaluate, per_class
 from finetune_train.loss import count_targets, step_scale, summed_loss
 from finetune_train.modeling import (
@@ -172,8 +172,8 @@ def train_loop(config: dict) -> None:
     state = {"step": 0, "train": [], "eval": []}  # eval[0] is the evaluation before training
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint_directory(checkpoint) as ckpt_dir:
-            _, client = engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
+        with checkpoint_directory(checkpoint) as ckpt_dir:  # by this number of workers or another
+            client = load_checkpoint(engine, ckpt_dir, checkpoint.path, ctx.get_local_rank())
         state = client["finetune"]
         if rank == 0:
             log.warning("resumed from %s at step %d", checkpoint.path, state["step"])
@@ -302,8 +302,9 @@ def train_loop(config: dict) -> None:
     restored = state.get("best") if restore_best else None
     if restored and restored["step"] != state["step"]:
         with tempfile.TemporaryDirectory() as tmp:  # every rank its own shards
-            store.copy_dir(join(config["run_uri"], restored["checkpoint"]), tmp)
-            engine.load_checkpoint(tmp, tag=DS_TAG, load_optimizer_states=False, load_lr_scheduler_states=False)
+            best = join(config["run_uri"], restored["checkpoint"])
+            store.copy_dir(best, tmp)
+            load_checkpoint(engine, tmp, best, ctx.get_local_rank(), load_optimizer_states=False, load_lr_scheduler_states=False)
         if rank == 0:
             log.warning("restoreBest: exporting the model of step %d", restored["step"])
         final_eval = evaluator(splits.validation)
