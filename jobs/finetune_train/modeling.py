@@ -4,6 +4,7 @@ method (full, LoRA, freeze) and the Hugging Face export."""
 from __future__ import annotations
 
 import ctypes
+import gc
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -179,6 +180,10 @@ def _sharded(zero3: dict | None):
         yield
     finally:
         del config  # the export's full copy on rank 0 must not be partitioned
+        # A tied output layer is built, partitioned, then replaced by the embedding; its
+        # partition is in a reference cycle (DeepSpeed's attributes on it), which the training
+        # loop's few collections would leave for the whole run.
+        gc.collect()
         if libc is not None:
             libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
             libc.malloc_trim(0)
