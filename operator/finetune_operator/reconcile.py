@@ -1,8 +1,9 @@
 """The operator's one I/O layer, without kopf: kopf's handlers hand it the object and its
 RayJob from their indexes, and it creates the RayJob and changes it by server-side apply (one
 field manager), writes the status when it changed (server-side apply on the status
-subresource) and posts an Event per transition. Runs push their progress (finetune_train/progress.py); `receive` checks
-who sent it (TokenReview of the pod's projected token) and keeps the latest per job.
+subresource) and posts an Event per transition. Runs push their progress
+(finetune_train/progress.py); `receive` checks who sent it (TokenReview of the pod's projected
+token) and keeps the latest per job.
 
 The operator reads no Secret and no bucket: a missing Secret shows in the pods' status, and
 storage trouble in the run's own reports."""
