@@ -1,6 +1,6 @@
 """Memory of the training program's scale features, each as a ratio measured in one run.
 
-    python bench/memory.py [--only zero3|data|checkpointing]
+    python bench/memory.py [--only zero3|data|checkpointing|preference] [--zero3-layers N] [--zero3-build-only]
 
 Prints, one per line:
   zero3_init_rss_ratio=<x>            peak RSS per worker building a ≥300M-parameter random Llama
@@ -8,6 +8,9 @@ Prints, one per line:
                                       (modeling.build_model(zero3=...)) ÷ whole model first. Goal ≤ 0.6.
   zero3_wrapped_rss_ratio=<x>         the same through deepspeed.initialize, whose ZeRO-3 flat
                                       parameter and gradient partitions both sides then hold.
+                                      --zero3-layers N: the same shape with N layers (24: 333M,
+                                      182: 2.2B); --zero3-build-only: the init figure alone, for
+                                      sizes whose whole model wrapped does not fit in memory.
   data_rss_ratio=<x>                  peak RSS per worker training the same steps on a dataset 20×
                                       larger ÷ the 1× dataset (data.load_splits and ShardedBatches,
                                       a tiny model, DeepSpeed, 2 workers). Goal ≤ 1.2.
@@ -113,19 +116,20 @@ def worker(kind: str, rank: int, world: int, port: int, doc: dict) -> None:
     else:
         model = build_model(spec, path, tokenizer, pretrained=True, zero3=ds if doc.get("sharded", True) else None)
         figures["built_mib"] = peak_mib()
-        groups = param_groups(model, spec, None)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer(groups, spec), config=ds,
-                                          lr_scheduler=schedule(spec, spec.training.max_steps, groups, 0), dist_init_required=False)
-        if kind == "data":
-            split = load_splits(spec, lambda path, name: token_table(path, name, spec, tokenizer), spec.dataset.train).train
-            batches = ShardedBatches(split, spec.training.micro_batch_size, rank, world, 0, Collator(split.table, tokenizer.pad_token_id, False))
-            for step, (_, micro_batches) in enumerate(batches.steps(1, (0, 0))):
-                if step == spec.training.max_steps:
-                    break
-                for batch in micro_batches:
-                    loss, n = summed_loss(engine(**model_inputs(batch)).logits, batch["labels"], False)
-                    engine.backward(loss / n)
-                    engine.step()
+        if not doc.get("build_only"):  # a whole model wrapped: its flat partitions too
+            groups = param_groups(model, spec, None)
+            engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer(groups, spec), config=ds,
+                                              lr_scheduler=schedule(spec, spec.training.max_steps, groups, 0), dist_init_required=False)
+            if kind == "data":
+                split = load_splits(spec, lambda path, name: token_table(path, name, spec, tokenizer), spec.dataset.train).train
+                batches = ShardedBatches(split, spec.training.micro_batch_size, rank, world, 0, Collator(split.table, tokenizer.pad_token_id, False))
+                for step, (_, micro_batches) in enumerate(batches.steps(1, (0, 0))):
+                    if step == spec.training.max_steps:
+                        break
+                    for batch in micro_batches:
+                        loss, n = summed_loss(engine(**model_inputs(batch)).logits, batch["labels"], False)
+                        engine.backward(loss / n)
+                        engine.step()
     dist.barrier()
     print(json.dumps({**figures, "peak_mib": peak_mib()}), flush=True)
     dist.destroy_process_group()
@@ -160,6 +164,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", choices=("zero3", "data", "checkpointing", "preference"))
     p.add_argument("--rows", type=int, default=2000, help="rows of the 1x dataset")
+    p.add_argument("--zero3-layers", type=int, default=LLAMA_300M["num_hidden_layers"])
+    p.add_argument("--zero3-build-only", action="store_true", help="skip deepspeed.initialize (zero3_wrapped_rss_ratio)")
     p.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -170,12 +176,16 @@ def main() -> None:
         root = Path(tmp)
         os.environ["FINETUNE_CACHE"] = str(root / "cache")  # a fresh token cache: building it counts
         if args.only in (None, "zero3"):
-            doc = {"spec": spec_doc(LLAMA_300M, write_text(root / "z.jsonl", 16))}
+            config = {**LLAMA_300M, "num_hidden_layers": args.zero3_layers}
+            doc = {"spec": spec_doc(config, write_text(root / "z.jsonl", 16)), "build_only": args.zero3_build_only}
             sharded, whole = measure("zero3", {**doc, "sharded": True}, 2), measure("zero3", {**doc, "sharded": False}, 2)
-            for what, key in (("built", "built_mib"), ("built and wrapped", "peak_mib")):
-                print(f"# zero3, {what}: sharded {sharded[key]:.0f} MiB, whole model first {whole[key]:.0f} MiB per worker (2 workers)")
-            print(f"zero3_init_rss_ratio={sharded['built_mib'] / whole['built_mib']:.3f}")
-            print(f"zero3_wrapped_rss_ratio={sharded['peak_mib'] / whole['peak_mib']:.3f}")
+            figures = [("built", "built_mib", "zero3_init_rss_ratio")]
+            if not args.zero3_build_only:
+                figures.append(("built and wrapped", "peak_mib", "zero3_wrapped_rss_ratio"))
+            for what, key, name in figures:
+                print(f"# zero3, {what}: sharded {sharded[key]:.0f} MiB, whole model first {whole[key]:.0f} MiB per worker "
+                      f"(2 workers, {args.zero3_layers} layers)")
+                print(f"{name}={sharded[key] / whole[key]:.3f}")
         if args.only in (None, "data"):
             small, large = (write_text(root / f"d{n}.jsonl", args.rows * n) for n in (1, 20))
             one = measure("data", {"spec": spec_doc(TINY, small, deepspeed={"zeroStage": 2})}, 2)["peak_mib"]
