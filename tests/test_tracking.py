@@ -89,9 +89,12 @@ def test_a_run_in_mlflow_and_tensorboard_with_its_model_registered(tmp_path, s3,
     tracking = {"mlflow": {"trackingUri": mlflow_server.uri, "experiment": "tracked", "registeredModel": "tiny-llama"},
                 "tensorboard": True}
     spec = manifest(tmp_path, "tracked", tracking, storage={"uri": f"s3://{bucket.name}/runs", "endpoint": s3.endpoint})
-    run = Run(spec, s3_env)
+    tmp = tmp_path / "tmp"  # where the run's processes make temporary files (Ray's own: /tmp/ray as always)
+    tmp.mkdir()
+    run = Run(spec, {**s3_env, "TMPDIR": str(tmp), "RAY_TMPDIR": "/tmp"})
     assert run.wait() == 0, run.output[-5000:]
     assert f"tensorboard --logdir s3://{bucket.name}/runs/tracked/tensorboard" in run.output
+    assert not list(tmp.glob("finetune-tb-*"))  # the events' local copy went with the last upload
 
     (tracked,) = mlflow_server.runs("tracked")
     client, run_id = mlflow_server.client(), tracked.info.run_id

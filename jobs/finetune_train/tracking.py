@@ -15,7 +15,8 @@ reaches progress.json and, on Kubernetes, the job's status, and training goes on
 
 TensorBoard event files are written by the controller (one writer, like rank 0) under
 `<run>/tensorboard/`: into the folder itself for local storage, uploaded from a local copy
-for s3:// storage.
+for s3:// storage (every TENSORBOARD_UPLOAD_SECONDS and with the final report, after which the
+copy is removed).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -179,7 +181,14 @@ class Tracker:
         for key, value in points.items():
             self._writer.add_scalar(key, value, step)
         self._writer.flush()
-        if remote and (last or time.monotonic() - self._uploaded > TENSORBOARD_UPLOAD_SECONDS):
+        if last:  # closed, uploaded, and the local copy of an s3:// run's events removed
+            writer = self._writer
+            writer.close()
+            if remote:
+                self.paths.store.upload_dir(writer.log_dir, tensorboard_dir(self.paths))
+                shutil.rmtree(writer.log_dir)
+            self._writer = None
+        elif remote and time.monotonic() - self._uploaded > TENSORBOARD_UPLOAD_SECONDS:
             self.paths.store.upload_dir(self._writer.log_dir, tensorboard_dir(self.paths))
             self._uploaded = time.monotonic()
 
