@@ -181,16 +181,14 @@ class Tracker:
         for key, value in points.items():
             self._writer.add_scalar(key, value, step)
         self._writer.flush()
-        if last:  # closed, uploaded, and the local copy of an s3:// run's events removed
-            writer = self._writer
-            writer.close()
-            if remote:
-                self.paths.store.upload_dir(writer.log_dir, tensorboard_dir(self.paths))
-                shutil.rmtree(writer.log_dir)
-            self._writer = None
-        elif remote and time.monotonic() - self._uploaded > TENSORBOARD_UPLOAD_SECONDS:
+        if remote and (last or time.monotonic() - self._uploaded > TENSORBOARD_UPLOAD_SECONDS):
             self.paths.store.upload_dir(self._writer.log_dir, tensorboard_dir(self.paths))
             self._uploaded = time.monotonic()
+        if last:  # the final report: an s3:// run's local copy is uploaded, and goes
+            self._writer.close()
+            if remote:
+                shutil.rmtree(self._writer.log_dir)
+            self._writer = None
 
     # -- closing: the driver, with the run's end state
 
